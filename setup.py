@@ -1,0 +1,36 @@
+"""refers: REFERS (Zhou et al., Nature Machine Intelligence 2022) for the Hugging Face ecosystem."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="refers",
+    version="0.1.0",
+    description="REFERS radiograph transformers: report-supervised pretraining and label-efficient fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
+    package_data={"modeling_refers": ["metrics/*.py"]},
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "transformers>=5.23.0,<5.24",
+        "datasets>=5.2,<6",
+        "evaluate>=0.4.6",
+        "accelerate>=1.15",
+        "huggingface-hub>=2.4",
+        "safetensors>=0.8",
+        "timm>=1.0.31",
+        "tokenizers>=0.23",
+        "scikit-learn>=1.9",
+        "scipy>=1.18",
+        "matplotlib>=3.11",
+        "numpy>=2.0",
+        "pandas>=3.0",
+        "pillow>=11",
+        "pydicom>=3.0",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=9"]},
+)
