@@ -24,7 +24,7 @@ setup(
         "timm>=1.0.31",
         "tokenizers>=0.23",
         "scikit-learn>=1.9",
-        "scipy>=1.18",
+        "scipy>=1.11",
         "matplotlib>=3.11",
         "numpy>=2.0",
         "pandas>=3.0",

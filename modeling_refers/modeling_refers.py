@@ -1,0 +1,519 @@
+"""PyTorch REFERS radiograph transformer (Zhou et al., Nature Machine Intelligence 4, 32-40, 2022).
+
+Read top to bottom: embeddings -> transformer block -> recurrent concatenation -> view fusion -> pretrained base ->
+`RefersModel` -> heads. The transformer block, attention and MLP are transformers' ViT modules (the same pre-LN
+block REFERS uses), so ViT/timm weights map one to one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_refers import RefersConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefersViewFusionOutput(ModelOutput):
+    """
+    Output of [`RefersViewFusion`].
+
+    Args:
+        study_embeds (`(batch, num_views * hidden_size)`): the study feature v_k: the weighted view features
+            (softmax fusion) or the view aggregation tokens (sigmoid-gate fusion), concatenated over views.
+        study_pooled_output (`(batch, hidden_size)`): view features averaged with the normalised view weights; what
+            classification heads read for a study. A one-view study gives exactly that view's feature.
+        study_hidden_states (`(batch, num_views * num_patches, hidden_size)`): the weighted/gated patch tokens of all
+            views, concatenated along the sequence axis (the report decoder's memory).
+        study_attention_mask (`(batch, num_views * num_patches)`): 1 for tokens of real views, 0 for masked views.
+        view_weights (`(batch, num_views)`): softmax weight per view, or the mean sigmoid gate per view; 0 for masked
+            views.
+    """
+
+    study_embeds: torch.FloatTensor | None = None
+    study_pooled_output: torch.FloatTensor | None = None
+    study_hidden_states: torch.FloatTensor | None = None
+    study_attention_mask: torch.LongTensor | None = None
+    view_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class RefersModelOutput(ModelOutput):
+    """
+    Output of [`RefersModel`].
+
+    Args:
+        last_hidden_state: `(batch, 1 + num_patches, hidden_size)` for images, `(batch, num_views, 1 + num_patches,
+            hidden_size)` for studies (zeros for masked views). Token 0 is the aggregation token.
+        pooler_output: the aggregation token after the final LayerNorm: `(batch, hidden_size)` for images,
+            `(batch, num_views, hidden_size)` for studies.
+        view_mask (`(batch, num_views)`): the view mask used (studies only).
+        study_embeds, study_pooled_output, study_hidden_states, study_attention_mask, view_weights: see
+            [`RefersViewFusionOutput`] (studies only).
+        hidden_states: per-layer outputs, each `(num_real_images, 1 + num_patches, hidden_size)` (masked views are
+            not run through the transformer).
+        attentions: per-layer attention probabilities, each `(num_real_images, heads, seq, seq)` (eager attention).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    view_mask: torch.LongTensor | None = None
+    study_embeds: torch.FloatTensor | None = None
+    study_pooled_output: torch.FloatTensor | None = None
+    study_hidden_states: torch.FloatTensor | None = None
+    study_attention_mask: torch.LongTensor | None = None
+    view_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RefersImageClassifierOutput(ModelOutput):
+    """
+    Output of [`RefersForImageClassification`].
+
+    Args:
+        loss (`()`): classification / regression loss, when `labels` are given.
+        logits (`(batch, num_labels)`): scores before sigmoid/softmax.
+        view_weights (`(batch, num_views)`): the fusion's view weights (studies only).
+        hidden_states, attentions: as in [`RefersModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    view_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Radiograph transformer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RefersEmbeddings(ViTEmbeddings):
+    """Linear patch embedding + learnable position embedding (added) + the aggregation embedding at position 0.
+
+    `(batch, channels, height, width)` -> `(batch, 1 + num_patches, hidden_size)`. The aggregation embedding is
+    `cls_token` (ViT's name, so ViT/timm weights load) and is initialised to zeros, as in the paper.
+    """
+
+
+class RefersLayer(ViTLayer):
+    """One pre-LayerNorm transformer block (self-attention + two-layer MLP), `(n, seq, d)` -> `(n, seq, d)`."""
+
+
+class RefersRecurrentConcat(nn.Linear):
+    """Recurrent concatenation: `[patch_i ; aggregation]` (2d) -> linear -> d for every patch token.
+
+    `(n, 1 + num_patches, d)` -> `(n, 1 + num_patches, d)`; the aggregation token itself passes unchanged. The
+    weight is initialised to `[I | 0]`, so a model started from plain-ViT weights begins as that ViT.
+    """
+
+    def __init__(self, config: RefersConfig):
+        super().__init__(2 * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        aggregation, patches = hidden_states[:, :1], hidden_states[:, 1:]
+        patches = super().forward(torch.cat([patches, aggregation.expand_as(patches)], dim=-1))
+        return torch.cat([aggregation, patches], dim=1)
+
+
+class RefersViewFusion(nn.Module):
+    """Merges the V views of a study into one study representation; masked views get exactly zero weight.
+
+    Inputs: view features `(batch, V, d)` (aggregation tokens), view patch tokens `(batch, V, P, d)` and a view mask
+    `(batch, V)`. V must equal `config.num_views` (the processor samples or repeats views to reach it).
+
+    - `softmax` (paper): an MLP reads the concatenated view features `(batch, V * d)` and scores each view; a softmax
+      over the real views gives the weights; `study_embeds` concatenates the weighted view features.
+    - `sigmoid_gate` (official code): at every patch position p, one `Linear(V * d, 1)` + sigmoid per view reads the V
+      views' tokens at p and gates that view's token; `study_embeds` concatenates the view aggregation tokens.
+    """
+
+    def __init__(self, config: RefersConfig):
+        super().__init__()
+        self.mode = config.view_fusion
+        self.num_views = config.num_views
+        in_features = config.num_views * config.hidden_size
+        if self.mode == "softmax":
+            self.score_dense = nn.Linear(in_features, config.view_fusion_hidden_size)
+            self.score_act = ACT2FN[config.hidden_act]
+            self.score_out = nn.Linear(config.view_fusion_hidden_size, config.num_views)
+        else:
+            self.gate = nn.Linear(in_features, config.num_views)
+
+    def forward(
+        self, view_features: torch.Tensor, view_tokens: torch.Tensor, view_mask: torch.Tensor
+    ) -> RefersViewFusionOutput:
+        batch_size, num_views, num_patches, hidden_size = view_tokens.shape
+        if num_views != self.num_views:
+            raise ValueError(
+                f"The study batch has {num_views} views per study but config.num_views is {self.num_views}; sample "
+                "or repeat views to that number (RefersProcessor does) and mark padding in `view_mask`."
+            )
+        mask = view_mask.to(view_features.dtype)
+        view_features = view_features * mask[:, :, None]
+        view_tokens = view_tokens * mask[:, :, None, None]
+
+        if self.mode == "softmax":
+            scores = self.score_out(self.score_act(self.score_dense(view_features.flatten(1))))
+            scores = scores.masked_fill(~view_mask.bool(), torch.finfo(scores.dtype).min)
+            view_weights = scores.softmax(dim=-1) * mask
+            study_embeds = (view_weights[:, :, None] * view_features).flatten(1)
+            study_hidden_states = view_weights[:, :, None, None] * view_tokens
+        else:
+            per_position = view_tokens.permute(0, 2, 1, 3).reshape(batch_size, num_patches, num_views * hidden_size)
+            gates = torch.sigmoid(self.gate(per_position)).permute(0, 2, 1) * mask[:, :, None]  # (batch, V, P)
+            study_embeds = view_features.flatten(1)
+            study_hidden_states = gates[..., None] * view_tokens
+            view_weights = gates.mean(dim=-1)
+
+        normalised = view_weights / view_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mask.dtype).tiny)
+        study_pooled_output = (normalised[:, :, None] * view_features).sum(dim=1)
+        study_attention_mask = view_mask.long()[:, :, None].expand(-1, -1, num_patches).reshape(batch_size, -1)
+        return RefersViewFusionOutput(
+            study_embeds=study_embeds,
+            study_pooled_output=study_pooled_output,
+            study_hidden_states=study_hidden_states.reshape(batch_size, num_views * num_patches, hidden_size),
+            study_attention_mask=study_attention_mask,
+            view_weights=view_weights,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained base
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RefersPreTrainedModel(PreTrainedModel):
+    config: RefersConfig
+    config_class = RefersConfig
+    base_model_prefix = "refers"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RefersEmbeddings", "RefersLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": RefersLayer, "attentions": ViTAttention}
+    # forward takes **kwargs for output flags only; the Trainer must still scale the loss for gradient accumulation.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, RefersRecurrentConcat):
+            hidden_size = module.out_features
+            identity_then_zero = torch.cat([torch.eye(hidden_size), torch.zeros(hidden_size, hidden_size)], dim=1)
+            init.copy_(module.weight, identity_then_zero.to(module.weight.dtype))
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RefersEmbeddings):
+            init.zeros_(module.cls_token)
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+
+    def load_timm_vit_weights(self, state_dict_or_path, strict: bool = True) -> "TimmLoadReport":
+        """Load a timm `vit_*_patch16_*` state dict (a dict, or a local .safetensors/.pth/.bin file) into the backbone.
+
+        Returns a [`TimmLoadReport`] and logs it. With `strict=True`, raises a `ValueError` naming the keys when a
+        backbone weight is missing or a timm weight other than the ImageNet head has no place here. REFERS-only
+        modules (view fusion, recurrent concatenation) are reported as missing and keep their initialisation.
+        """
+        base = self.base_model
+        state_dict = _read_state_dict(state_dict_or_path)
+        converted, unexpected = convert_timm_vit_state_dict(state_dict, base.config)
+        own = base.state_dict()
+        for key, value in converted.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"timm weight for `{key}` has shape {tuple(value.shape)} but this REFERS config expects "
+                    f"{tuple(own[key].shape)}; check hidden_size/patch_size/num_channels."
+                )
+        unexpected += [key for key in converted if key not in own]
+        converted = {key: value for key, value in converted.items() if key in own}
+        result = base.load_state_dict(converted, strict=False)
+        report = TimmLoadReport(missing_keys=list(result.missing_keys), unexpected_keys=sorted(unexpected))
+        logger.warning(str(report))
+        if strict:
+            missing_backbone = [k for k in report.missing_keys if not k.startswith(REFERS_ONLY_PREFIXES)]
+            unexpected_real = [k for k in report.unexpected_keys if not k.startswith(TIMM_HEAD_PREFIXES)]
+            if missing_backbone or unexpected_real:
+                raise ValueError(
+                    "The timm state dict does not match this REFERS backbone. Missing: "
+                    f"{missing_backbone}. Unexpected: {unexpected_real}. Pass strict=False to load what matches."
+                )
+        return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RefersModel(RefersPreTrainedModel):
+    """The REFERS radiograph transformer with view fusion; the backbone every downstream task keeps.
+
+    Takes one image batch `(batch, C, H, W)` or a study batch `(batch, V, C, H, W)` with `view_mask` `(batch, V)`.
+    """
+
+    def __init__(self, config: RefersConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = RefersEmbeddings(config)
+        self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
+        self.recurrent_concat = RefersRecurrentConcat(config) if config.aggregation == "recurrent_concat" else None
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.view_fusion = RefersViewFusion(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Radiograph transformer on single images: `(n, C, H, W)` -> `(n, 1 + num_patches, hidden_size)`."""
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        hidden_states = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding=interpolate_pos_encoding)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            if index == last and self.recurrent_concat is not None:
+                hidden_states = self.recurrent_concat(hidden_states)
+            hidden_states = layer(hidden_states, None, **kwargs)
+        hidden_states = self.layernorm(hidden_states)
+        if self.config.aggregation == "cls_add":
+            hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, 1:] + hidden_states[:, :1]], dim=1)
+        return hidden_states
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> RefersModelOutput:
+        r"""
+        pixel_values (`(batch, C, H, W)` or `(batch, V, C, H, W)`): images, or studies of V views.
+        view_mask (`(batch, V)`, *optional*): 1 for real views, 0 for padding; all ones when omitted. Masked views are
+            not run through the transformer and get zero fusion weight.
+        """
+        if pixel_values is None:
+            raise ValueError("RefersModel needs `pixel_values` of shape (batch, C, H, W) or (batch, V, C, H, W).")
+        if pixel_values.ndim == 4:
+            if view_mask is not None:
+                raise ValueError("`view_mask` is only meaningful for study input of shape (batch, V, C, H, W).")
+            sequence = self.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
+            return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0])
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                "`pixel_values` must have shape (batch, C, H, W) or (batch, V, C, H, W), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+
+        batch_size, num_views = pixel_values.shape[:2]
+        if view_mask is None:
+            view_mask = torch.ones(batch_size, num_views, dtype=torch.bool, device=pixel_values.device)
+        elif tuple(view_mask.shape) != (batch_size, num_views):
+            raise ValueError(
+                f"`view_mask` must have shape (batch, V) = {(batch_size, num_views)}, got {tuple(view_mask.shape)}."
+            )
+        view_mask = view_mask.bool()
+        empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"Study {empty[0]} of the batch (batch indices {empty}) has every view masked in `view_mask`; each "
+                "study needs at least one real view."
+            )
+
+        sequence = self.forward_features(pixel_values[view_mask], interpolate_pos_encoding, **kwargs)
+        last_hidden_state = sequence.new_zeros(batch_size, num_views, *sequence.shape[1:])
+        last_hidden_state = last_hidden_state.index_put((view_mask,), sequence)
+        pooled = last_hidden_state[:, :, 0]
+        fusion = self.view_fusion(pooled, last_hidden_state[:, :, 1:], view_mask)
+        return RefersModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled,
+            view_mask=view_mask.long(),
+            **fusion,
+        )
+
+
+class RefersForImageClassification(RefersPreTrainedModel):
+    """REFERS backbone + a linear head on the aggregation token (images) or the fused study feature (studies).
+
+    `problem_type` selects the loss through transformers' loss functions: "single_label_classification" (cross
+    entropy, integer labels), "multi_label_classification" (BCE with logits, multi-hot float labels), "regression"
+    (MSE). Left unset, it is inferred from `num_labels` and the label dtype, as in transformers.
+    """
+
+    def __init__(self, config: RefersConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.refers = RefersModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> RefersImageClassifierOutput:
+        r"""
+        labels (`(batch,)` integer class ids, `(batch, num_labels)` multi-hot floats, or regression targets).
+        """
+        outputs = self.refers(
+            pixel_values, view_mask=view_mask, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        features = outputs.study_pooled_output if outputs.study_pooled_output is not None else outputs.pooler_output
+        logits = self.classifier(features)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return RefersImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            view_weights=outputs.view_weights,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Foreign weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+REFERS_ONLY_PREFIXES = ("view_fusion.", "recurrent_concat.")
+TIMM_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
+
+
+@dataclass
+class TimmLoadReport:
+    """Keys of this model left at their initialisation (`missing_keys`) and timm keys not used (`unexpected_keys`)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+    def __str__(self) -> str:
+        return (
+            f"timm ViT weights loaded; missing (kept at init): {self.missing_keys or 'none'}; "
+            f"unexpected (not loaded): {self.unexpected_keys or 'none'}"
+        )
+
+
+def _read_state_dict(state_dict_or_path) -> dict[str, torch.Tensor]:
+    if isinstance(state_dict_or_path, dict):
+        return state_dict_or_path
+    path = os.fspath(state_dict_or_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No weight file at {path!r}; pass a local timm ViT state dict (.safetensors, .pth or .bin). Nothing is "
+            "downloaded."
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    return state_dict
+
+
+def convert_timm_vit_state_dict(
+    state_dict: dict[str, torch.Tensor], config: RefersConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map timm ViT keys (`blocks.N.attn.qkv`, `patch_embed.proj`, ...) to `RefersModel` keys.
+
+    Returns `(converted, unused)`: the REFERS state dict and the timm keys that have no REFERS counterpart. The fused
+    `qkv` weight `(3d, d)` is split into query/key/value; the position embedding is resampled with timm when the grid
+    differs from `config.image_size / config.patch_size`.
+    """
+    renames = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
+    block_renames = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    converted, unused = {}, []
+    for key, value in state_dict.items():
+        if key in renames:
+            converted[renames[key]] = value
+            continue
+        parts = key.split(".")
+        if parts[0] != "blocks" or len(parts) < 4:
+            unused.append(key)
+            continue
+        prefix, inner, leaf = f"layers.{parts[1]}", ".".join(parts[2:-1]), parts[-1]
+        if inner == "attn.qkv":
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                converted[f"{prefix}.attention.{name}.{leaf}"] = chunk
+        elif inner in block_renames:
+            converted[f"{prefix}.{block_renames[inner]}.{leaf}"] = value
+        else:
+            unused.append(key)
+
+    position = converted.get("embeddings.position_embeddings")
+    grid = config.image_size // config.patch_size
+    if position is not None and position.shape[1] != grid * grid + 1:
+        from timm.layers import resample_abs_pos_embed
+
+        converted["embeddings.position_embeddings"] = resample_abs_pos_embed(
+            position, new_size=(grid, grid), num_prefix_tokens=1
+        )
+    return converted, unused
+
+
+__all__ = [
+    "RefersForImageClassification",
+    "RefersModel",
+    "RefersPreTrainedModel",
+    "RefersViewFusion",
+    "RefersModelOutput",
+    "RefersViewFusionOutput",
+    "RefersImageClassifierOutput",
+    "TimmLoadReport",
+    "convert_timm_vit_state_dict",
+]
