@@ -1,0 +1,629 @@
+# Copyright 2025 The refers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Image processor for REFERS: chest radiographs (single images or multi-view studies) -> `pixel_values`.
+
+PIL/NumPy backend only (no torchvision at inference). The pipeline for every view is
+
+    load -> window to 8 bits -> resize (shortest edge) -> [train: rotate] -> crop (train: random, eval: centre)
+    -> [flip, decided once per study] -> [train: brightness, contrast] -> 1 or 3 channels -> rescale -> normalize
+
+Randomness only comes from the `generator` argument of a call (a `numpy.random.Generator`, a `random.Random`
+or an int seed); nothing reads or changes a global random state.
+"""
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_transforms import to_channel_dimension_format
+from transformers.image_utils import (
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    infer_channel_dimension_format,
+    load_image,
+)
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import TensorType
+
+
+_HIGH_BIT_DEPTH_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+# ITU-R 601-2 luma, the same weights PIL uses for RGB -> L.
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def window_to_uint8(
+    array: np.ndarray,
+    window_center: float | None = None,
+    window_width: float | None = None,
+    invert: bool = False,
+) -> np.ndarray:
+    """Map a high-bit-depth radiograph (uint16, int16, int32, float; any range) to uint8.
+
+    Without a window the array is min-max stretched to 0..255 (a constant image gives zeros). With a window the
+    DICOM linear VOI function is used (PS3.3 C.11.2.1.2.1): values at or below `c - 0.5 - (w - 1) / 2` give 0,
+    values above `c - 0.5 + (w - 1) / 2` give 255, linear in between. `invert=True` gives `255 - y`, the
+    MONOCHROME1 convention (high values are dark). NaNs map to 0.
+
+    Args:
+        array: numeric array of any shape (usually `(H, W)`).
+        window_center: DICOM Window Center, in the units of `array` (after the modality rescale).
+        window_width: DICOM Window Width (>= 1), same units.
+        invert: invert the output (MONOCHROME1).
+
+    Returns:
+        `np.ndarray` of dtype uint8 and the shape of `array`.
+    """
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(f"window_to_uint8 expects a numeric array, got dtype {array.dtype}")
+    if array.size == 0:
+        raise ValueError("window_to_uint8 got an empty array")
+    if (window_center is None) != (window_width is None):
+        raise ValueError(
+            "window_to_uint8 needs both window_center and window_width, or neither (min-max); got "
+            f"window_center={window_center}, window_width={window_width}"
+        )
+    values = array.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ValueError("window_to_uint8 got an array without any finite value")
+    if window_center is None:
+        low, high = float(values[finite].min()), float(values[finite].max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:
+        center, width = float(window_center), float(window_width)
+        if not width >= 1:
+            raise ValueError(f"window_width must be >= 1 (DICOM), got {window_width}")
+        if width == 1:
+            scaled = (values > center - 0.5).astype(np.float64)
+        else:
+            scaled = (values - (center - 0.5)) / (width - 1) + 0.5
+    scaled = np.where(finite, np.clip(scaled, 0.0, 1.0), 0.0)
+    out = np.rint(scaled * 255.0).astype(np.uint8)
+    return 255 - out if invert else out
+
+
+def load_dicom(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-frame DICOM file into uint8 `(H, W)` (monochrome) or `(H, W, 3)` (colour).
+
+    Applies the modality LUT (Rescale Slope/Intercept), then the first Window Center/Width of the file if any
+    (else min-max), and inverts MONOCHROME1 images. Needs `pydicom` (and a pixel-data handler for compressed
+    transfer syntaxes).
+    """
+    path = os.fspath(path)
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+    except ImportError as err:  # pragma: no cover - pydicom is a declared dependency
+        raise ImportError(f"reading DICOM file '{path}' needs pydicom: pip install pydicom") from err
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array
+    except Exception as err:
+        raise OSError(f"cannot read DICOM file '{path}': {err}") from err
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise ValueError(f"DICOM file '{path}' has {dataset.NumberOfFrames} frames; only single-frame images are supported")
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3:
+        return pixels if pixels.dtype == np.uint8 else window_to_uint8(pixels)
+    values = apply_modality_lut(pixels, dataset)
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if center is not None and width is not None:
+        center = float(center[0]) if isinstance(center, Sequence) else float(center)
+        width = float(width[0]) if isinstance(width, Sequence) else float(width)
+    else:
+        center = width = None
+    return window_to_uint8(values, center, width, invert=photometric == "MONOCHROME1")
+
+
+def _is_dicom_file(path: str) -> bool:
+    if path.lower().endswith(_DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(132)
+    except OSError:
+        return False
+    return len(header) == 132 and header[128:] == b"DICM"
+
+
+def _pil_to_uint8(image: Image.Image) -> np.ndarray:
+    if image.mode in _HIGH_BIT_DEPTH_PIL_MODES:
+        return window_to_uint8(np.array(image))
+    if image.mode in ("1", "L", "LA", "La"):
+        return np.array(image.convert("L"))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image)
+
+
+def _array_to_uint8(array: Any) -> np.ndarray:
+    if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.size == 0:
+        raise ValueError(f"image array is empty (shape {array.shape})")
+    if array.ndim == 3:
+        if infer_channel_dimension_format(array, num_channels=(1, 3, 4)) == ChannelDimension.FIRST:
+            array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        elif array.shape[-1] == 4:
+            array = array[..., :3]  # drop alpha: radiographs are opaque
+    elif array.ndim != 2:
+        raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {array.shape}")
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        array = window_to_uint8(array)
+    return array
+
+
+def load_radiograph(image: Any) -> np.ndarray:
+    """Load one radiograph as uint8: `(H, W)` for grayscale, `(H, W, 3)` for colour.
+
+    Accepts a file path (`str` / `os.PathLike`: PNG, JPEG, ... incl. 16-bit PNG, or DICOM), an `http(s)://` URL, a
+    `PIL.Image.Image` (any mode), a numpy array or torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)`; uint8 kept
+    as is, any other dtype min-max windowed with `window_to_uint8`). Use `window_to_uint8` yourself first when a
+    DICOM window must be applied to an array.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            return _pil_to_uint8(load_image(path))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: '{path}'")
+        if _is_dicom_file(path):
+            return load_dicom(path)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return _pil_to_uint8(opened)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise OSError(f"cannot read image file '{path}': {err}") from err
+    if isinstance(image, Image.Image):
+        return _pil_to_uint8(image)
+    if isinstance(image, np.ndarray) or (hasattr(image, "detach") and hasattr(image, "shape")):
+        return _array_to_uint8(image)
+    raise TypeError(
+        f"an image must be a file path, a PIL.Image.Image, a numpy array or a torch tensor; got {type(image).__name__}"
+    )
+
+
+def make_generator(generator: Any = None) -> np.random.Generator:
+    """Turn `generator` (None, int seed, `numpy.random.Generator` or `random.Random`) into a numpy Generator.
+
+    A numpy Generator is returned as is (its state advances); a `random.Random` seeds a new Generator from 128 of
+    its bits; `None` gives a Generator seeded from OS entropy (not reproducible).
+    """
+    if generator is None:
+        return np.random.default_rng()
+    if isinstance(generator, np.random.Generator):
+        return generator
+    if isinstance(generator, random.Random):
+        return np.random.default_rng(generator.getrandbits(128))
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        return np.random.default_rng(int(generator))
+    raise TypeError(
+        f"generator must be None, an int seed, a numpy.random.Generator or a random.Random; got {type(generator).__name__}"
+    )
+
+
+def _is_image_like(item: Any) -> bool:
+    return isinstance(item, (str, os.PathLike, Image.Image, np.ndarray)) or (
+        hasattr(item, "detach") and hasattr(item, "shape")
+    )
+
+
+def make_batched_studies(images: Any) -> tuple[list[list[Any]], bool]:
+    """Normalise an image input into a list of studies (each a list of views).
+
+    Returns `(studies, is_study_layout)`: a single image gives `[[image]]` and a flat list of images gives one
+    single-view "study" per image (`is_study_layout=False`); a list of lists gives the studies as they are
+    (`is_study_layout=True`). Empty studies are kept (callers raise with the study index).
+    """
+    if _is_image_like(images):
+        return [[images]], False
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(
+            "images must be an image, a list of images or a list of studies (lists of images); "
+            f"got {type(images).__name__}"
+        )
+    if len(images) == 0:
+        raise ValueError("images is an empty list: expected at least one image or study")
+    nested = [isinstance(item, (list, tuple)) for item in images]
+    if all(nested):
+        return [list(study) for study in images], True
+    if any(nested):
+        raise ValueError(
+            "images mixes studies (lists) and single images; pass either a list of images or a list of studies"
+        )
+    return [[image] for image in images], False
+
+
+def describe_study(index: int, study_ids: Sequence[Any] | None) -> str:
+    """`'study 3'` or `"study 3 (id 's51')"`, for error messages."""
+    if study_ids is not None and index < len(study_ids) and study_ids[index] is not None:
+        return f"study {index} (id {study_ids[index]!r})"
+    return f"study {index}"
+
+
+class RefersImagesKwargs(ImagesKwargs, total=False):
+    r"""
+    do_train_augment (`bool`, *optional*, defaults to `False`):
+        Training mode: random crop (if `do_random_crop`), random horizontal flip, random rotation and random
+        brightness/contrast. When `False` the output is deterministic (centre crop, no flip unless forced).
+    do_random_crop (`bool`, *optional*, defaults to `True`):
+        In training mode, crop `crop_size` at a random position instead of the centre.
+    flip_probability (`float`, *optional*, defaults to 0.5):
+        Training mode: probability that a study (all its views together) is mirrored left-right.
+    rotation_degrees (`float`, *optional*, defaults to 10.0):
+        Training mode: each view is rotated by an angle drawn uniformly from `[-rotation_degrees, rotation_degrees]`
+        (counter-clockwise, bilinear, black fill), before cropping. 0 disables rotation.
+    brightness_range (`tuple[float, float]`, *optional*, defaults to `(0.6, 1.4)`):
+        Training mode: brightness factor range (`x * b`, clipped to 0..255, as torchvision `adjust_brightness`).
+    contrast_range (`tuple[float, float]`, *optional*, defaults to `(0.6, 1.4)`):
+        Training mode: contrast factor range (`(x - mean) * c + mean`, clipped, as torchvision `adjust_contrast`).
+    color_jitter_probability (`float`, *optional*, defaults to 0.8):
+        Training mode: probability that brightness and contrast jitter is applied to a view.
+    """
+
+    do_train_augment: bool | None
+    do_random_crop: bool | None
+    flip_probability: int | float | None
+    rotation_degrees: int | float | None
+    brightness_range: list[int | float] | tuple[int | float, ...] | None
+    contrast_range: list[int | float] | tuple[int | float, ...] | None
+    color_jitter_probability: int | float | None
+
+
+class RefersImageProcessor(PilBackend):
+    r"""
+    Image processor for REFERS radiograph transformers (PIL/NumPy backend, no torchvision needed).
+
+    Grayscale radiographs become 3 channels (`do_convert_rgb=True`, default; `False` keeps one channel),
+    16-bit and float inputs are windowed to 8 bits first (see `window_to_uint8`). Defaults follow the paper:
+    resize the shortest edge to 256, crop 224 (random in training, centre otherwise), horizontal flip
+    (p=0.5), rotation in [-10, 10] degrees, brightness/contrast jitter, normalise with mean = std = 0.5.
+
+    Input layouts and outputs (`return_tensors="pt"`):
+        - one image or a list of B images -> `pixel_values` `(B, C, H, W)`;
+        - a list of B studies (each a list of views) -> `pixel_values` `(B, V, C, H, W)` and `view_mask` `(B, V)`
+          (int64, 1 = real view), V = the largest study (or `num_views`), missing views are zeros;
+        - with `return_flipped=True` also `flipped` `(B,)` bool: which studies/images were mirrored, so that a
+          report can be changed accordingly (left <-> right).
+    """
+
+    valid_kwargs = RefersImagesKwargs
+    model_input_names = ["pixel_values", "view_mask"]
+
+    resample = PILImageResampling.BILINEAR
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"shortest_edge": 256}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_train_augment = False
+    do_random_crop = True
+    flip_probability = 0.5
+    rotation_degrees = 10.0
+    brightness_range = [0.6, 1.4]
+    contrast_range = [0.6, 1.4]
+    color_jitter_probability = 0.8
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._validate_augmentation(
+            flip_probability=self.flip_probability,
+            rotation_degrees=self.rotation_degrees,
+            brightness_range=self.brightness_range,
+            contrast_range=self.contrast_range,
+            color_jitter_probability=self.color_jitter_probability,
+        )
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _validate_augmentation(
+        flip_probability=None,
+        rotation_degrees=None,
+        brightness_range=None,
+        contrast_range=None,
+        color_jitter_probability=None,
+        **kwargs,
+    ) -> None:
+        for name, value in (("flip_probability", flip_probability), ("color_jitter_probability", color_jitter_probability)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if rotation_degrees is not None and not 0.0 <= float(rotation_degrees) <= 180.0:
+            raise ValueError(f"rotation_degrees must be in [0, 180], got {rotation_degrees}")
+        for name, value in (("brightness_range", brightness_range), ("contrast_range", contrast_range)):
+            if value is None:
+                continue
+            if len(value) != 2 or not 0.0 <= float(value[0]) <= float(value[1]):
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {value}")
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        super()._validate_preprocess_kwargs(**kwargs)
+        self._validate_augmentation(**kwargs)
+        if kwargs.get("do_center_crop") and (
+            kwargs.get("crop_size") is None or not (kwargs["crop_size"].height and kwargs["crop_size"].width)
+        ):
+            raise ValueError(f"crop_size must have 'height' and 'width' when do_center_crop=True, got {kwargs.get('crop_size')}")
+
+    # ------------------------------------------------------------------ loading
+    def fetch_images(self, image_url_or_urls):
+        """Load file paths (and URLs) with `load_radiograph`, keeping the nesting; other inputs pass through."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, (str, os.PathLike)):
+            return load_radiograph(image_url_or_urls)
+        return image_url_or_urls
+
+    def process_image(self, image: Any, **kwargs) -> np.ndarray:
+        """One raw image -> uint8 channels-first `(1, H, W)` (grayscale) or `(3, H, W)` (colour).
+
+        Colour images whose three channels are identical are treated as grayscale (exact, and 3x less work).
+        """
+        array = load_radiograph(image)
+        if array.ndim == 3:
+            if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
+                array = array[..., 0]
+            else:
+                return np.ascontiguousarray(np.moveaxis(array, -1, 0))
+        return array[None]
+
+    # ------------------------------------------------------------------ augmentation helpers
+    @staticmethod
+    def _rotate(image: np.ndarray, angle: float, resample: PILImageResampling) -> np.ndarray:
+        """Rotate a uint8 `(C, H, W)` image by `angle` degrees counter-clockwise about its centre (black fill)."""
+        resample = Image.Resampling(int(resample))
+        if resample not in (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC):
+            resample = Image.Resampling.BILINEAR  # PIL rotates with these three filters only
+        channels = [
+            np.array(Image.fromarray(channel).rotate(angle, resample=resample, expand=False, fillcolor=0))
+            for channel in image
+        ]
+        return np.stack(channels)
+
+    @staticmethod
+    def _random_crop(image: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        """Crop `(height, width)` at a uniformly random position (zero-padding, centred, first if too small)."""
+        _, image_height, image_width = image.shape
+        pad_h, pad_w = max(height - image_height, 0), max(width - image_width, 0)
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)))
+            _, image_height, image_width = image.shape
+        top = int(rng.integers(0, image_height - height + 1))
+        left = int(rng.integers(0, image_width - width + 1))
+        return image[:, top : top + height, left : left + width]
+
+    @staticmethod
+    def _jitter(image: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
+        """Brightness then contrast on a float `(C, H, W)` image in 0..255 (torchvision semantics, no rounding)."""
+        image = np.clip(image * brightness, 0.0, 255.0)
+        gray = image[0] if image.shape[0] == 1 else np.tensordot(_LUMA_WEIGHTS, image, axes=1)
+        mean = float(gray.mean())
+        return np.clip((image - mean) * contrast + mean, 0.0, 255.0)
+
+    def _transform_view(
+        self,
+        image: np.ndarray,
+        flip: bool,
+        train: bool,
+        rng: np.random.Generator,
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        do_random_crop: bool,
+        rotation_degrees: float,
+        brightness_range: Sequence[float],
+        contrast_range: Sequence[float],
+        color_jitter_probability: float,
+        do_convert_rgb: bool,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float],
+        image_std: float | Sequence[float],
+        **kwargs,
+    ) -> np.ndarray:
+        """uint8 `(C, H, W)` -> float32 `(C', H', W')`. Random draws, in order: angle, crop offsets, jitter."""
+        if do_resize:
+            image = self.resize(image, size=size, resample=resample)
+        if train and rotation_degrees:
+            image = self._rotate(image, float(rng.uniform(-rotation_degrees, rotation_degrees)), resample)
+        if do_center_crop:
+            if train and do_random_crop:
+                image = self._random_crop(image, crop_size.height, crop_size.width, rng)
+            else:
+                image = self.center_crop(image, crop_size)
+        if flip:
+            image = image[:, :, ::-1]
+        image = image.astype(np.float32)
+        if train and rng.random() < color_jitter_probability:
+            brightness = float(rng.uniform(*brightness_range))
+            contrast = float(rng.uniform(*contrast_range))
+            image = self._jitter(image, brightness, contrast)
+        if do_convert_rgb and image.shape[0] == 1:
+            image = np.repeat(image, 3, axis=0)
+        elif not do_convert_rgb and image.shape[0] == 3:
+            image = np.tensordot(_LUMA_WEIGHTS, image, axes=1)[None]
+        if do_rescale:
+            image = self.rescale(image, rescale_factor)
+        if do_normalize:
+            channels = image.shape[0]
+            mean = image_mean if np.isscalar(image_mean) else tuple(image_mean)[:channels]
+            std = image_std if np.isscalar(image_std) else tuple(image_std)[:channels]
+            image = self.normalize(image, mean, std)
+        return np.ascontiguousarray(image, dtype=np.float32)
+
+    # ------------------------------------------------------------------ main entry points
+    def preprocess(
+        self,
+        images: Any,
+        generator: Any = None,
+        flip: bool | Sequence[bool] | None = None,
+        study_ids: Sequence[Any] | None = None,
+        num_views: int | None = None,
+        return_flipped: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Preprocess one image, a list of images or a list of studies (lists of views).
+
+        Args:
+            images: image(s) as file paths, PIL images, numpy arrays or torch tensors; see the class docstring.
+            generator: randomness for training mode: int seed, `numpy.random.Generator` or `random.Random`.
+            flip: force the horizontal flip: one bool for all, or one per study/image. `None`: random with
+                `flip_probability` in training mode, no flip otherwise.
+            study_ids: optional ids, one per study/image, used in error messages.
+            num_views: studies only: pad the view axis to this many views (error if a study has more).
+            return_flipped: also return `flipped` `(B,)` bool.
+            **kwargs: overrides of any attribute (`do_train_augment`, `size`, `crop_size`, ...) and
+                `return_tensors`.
+
+        Returns:
+            `BatchFeature` with `pixel_values` (float32), `view_mask` (studies) and `flipped` (if asked).
+        """
+        return super().preprocess(
+            images,
+            image_like_kwargs={
+                "generator": generator,
+                "flip": flip,
+                "study_ids": study_ids,
+                "num_views": num_views,
+                "return_flipped": return_flipped,
+            },
+            **kwargs,
+        )
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: Any,
+        generator: Any = None,
+        flip: bool | Sequence[bool] | None = None,
+        study_ids: Sequence[Any] | None = None,
+        num_views: int | None = None,
+        return_flipped: bool = False,
+        do_train_augment: bool = False,
+        flip_probability: float = 0.5,
+        return_tensors: str | TensorType | None = None,
+        data_format: str | ChannelDimension | None = ChannelDimension.FIRST,
+        **kwargs,
+    ) -> BatchFeature:
+        studies, is_study_layout = make_batched_studies(images)
+        batch_size = len(studies)
+        if study_ids is not None and len(study_ids) != batch_size:
+            raise ValueError(f"study_ids has {len(study_ids)} entries but images has {batch_size} studies/images")
+        for index, study in enumerate(studies):
+            if len(study) == 0:
+                raise ValueError(f"{describe_study(index, study_ids)} has no images; every study needs at least one view")
+            if num_views is not None and len(study) > num_views:
+                raise ValueError(
+                    f"{describe_study(index, study_ids)} has {len(study)} views but num_views={num_views}; "
+                    "select the views first (RefersProcessor does)"
+                )
+        if flip is None or isinstance(flip, (bool, np.bool_)):
+            forced = None if flip is None else [bool(flip)] * batch_size
+        else:
+            forced = [bool(value) for value in flip]
+            if len(forced) != batch_size:
+                raise ValueError(f"flip has {len(forced)} entries but images has {batch_size} studies/images")
+
+        train = bool(do_train_augment)
+        rng = make_generator(generator) if train or generator is not None else None
+        flipped, processed = [], []
+        for index, study in enumerate(studies):
+            if forced is not None:
+                flip_study = forced[index]
+            else:
+                flip_study = bool(train and rng.random() < flip_probability)
+            flipped.append(flip_study)
+            views = []
+            for view_index, view in enumerate(study):
+                where = describe_study(index, study_ids) if is_study_layout else f"image {index}"
+                if is_study_layout:
+                    where += f", view {view_index}"
+                try:
+                    array = self.process_image(view)
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(f"{where}: {err}") from err
+                except OSError as err:
+                    raise OSError(f"{where}: {err}") from err
+                except (ValueError, TypeError) as err:
+                    raise type(err)(f"{where}: {err}") from err
+                views.append(self._transform_view(array, flip_study, train, rng, **kwargs))
+            processed.append(views)
+
+        data = {}
+        if is_study_layout:
+            shapes = {view.shape for views in processed for view in views}
+            if len(shapes) != 1:
+                raise ValueError(
+                    f"the views of a study batch must all have one shape after processing, got {sorted(shapes)}; "
+                    "keep do_center_crop=True"
+                )
+            (shape,) = shapes
+            max_views = max(len(views) for views in processed)
+            total_views = max(max_views, num_views or 0)
+            pixel_values = np.zeros((batch_size, total_views, *shape), dtype=np.float32)
+            view_mask = np.zeros((batch_size, total_views), dtype=np.int64)
+            for index, views in enumerate(processed):
+                pixel_values[index, : len(views)] = np.stack(views)
+                view_mask[index, : len(views)] = 1
+            if data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST:
+                pixel_values = np.moveaxis(pixel_values, 2, -1)
+            data["pixel_values"] = pixel_values
+            data["view_mask"] = view_mask
+        else:
+            images_out = [views[0] for views in processed]
+            if data_format is not None:
+                images_out = [
+                    to_channel_dimension_format(image, data_format, ChannelDimension.FIRST) for image in images_out
+                ]
+            if len({image.shape for image in images_out}) == 1:
+                images_out = np.stack(images_out)
+            data["pixel_values"] = images_out
+        if return_flipped:
+            data["flipped"] = np.array(flipped, dtype=bool)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+__all__ = [
+    "RefersImageProcessor",
+    "RefersImagesKwargs",
+    "describe_study",
+    "load_dicom",
+    "load_radiograph",
+    "make_batched_studies",
+    "make_generator",
+    "window_to_uint8",
+]
