@@ -1,0 +1,341 @@
+"""RefersImageProcessor: layouts, determinism, hand-computed crops, flips, windowing, errors, round trips."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from modeling_refers.image_processing_refers import (
+    RefersImageProcessor,
+    load_radiograph,
+    make_generator,
+    window_to_uint8,
+)
+
+
+SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}
+# Training mode with every random part off except what a test switches on.
+NO_RANDOM = {"rotation_degrees": 0, "color_jitter_probability": 0.0, "do_random_crop": False, "flip_probability": 0.0}
+
+
+@pytest.fixture(scope="module")
+def covid_paths(shared_data_dir):
+    paths = sorted((shared_data_dir / "covid19_collection" / "images").glob("*.jpg"))[:6]
+    assert len(paths) == 6
+    return paths
+
+
+@pytest.fixture(scope="module")
+def nih_paths(shared_data_dir):
+    paths = sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[:4]
+    assert len(paths) == 4
+    return paths
+
+
+@pytest.fixture()
+def processor():
+    return RefersImageProcessor(**SMALL)
+
+
+def to_unit(x):
+    """uint8 values -> the processor's default normalisation ((x / 255) - 0.5) / 0.5."""
+    return (np.asarray(x, dtype=np.float64) / 255.0 - 0.5) / 0.5
+
+
+# ----------------------------------------------------------------------------- layouts, shapes, dtypes
+def test_defaults_follow_the_paper():
+    p = RefersImageProcessor()
+    assert p.size.shortest_edge == 256 and (p.crop_size.height, p.crop_size.width) == (224, 224)
+    assert tuple(p.image_mean) == (0.5, 0.5, 0.5) and tuple(p.image_std) == (0.5, 0.5, 0.5)
+    assert p.rotation_degrees == 10.0 and p.flip_probability == 0.5 and p.do_train_augment is False
+
+
+def test_input_layouts_shapes_and_dtypes(processor, covid_paths, nih_paths):
+    path = covid_paths[0]
+    pil = Image.open(nih_paths[0])
+    array = np.array(Image.open(covid_paths[1]))
+    rgb_tensor = torch.from_numpy(np.stack([array] * 3))  # (3, H, W) uint8
+
+    single = processor(path, return_tensors="pt")
+    assert set(single) == {"pixel_values"}
+    assert single["pixel_values"].shape == (1, 3, 32, 32) and single["pixel_values"].dtype == torch.float32
+
+    flat = processor([path, pil, array, rgb_tensor, Path(nih_paths[1])], return_tensors="pt")
+    assert flat["pixel_values"].shape == (5, 3, 32, 32)
+
+    studies = processor([[path, array], [pil], [nih_paths[1], nih_paths[2], nih_paths[3]]], return_tensors="pt")
+    assert studies["pixel_values"].shape == (3, 3, 3, 32, 32)
+    assert studies["view_mask"].dtype == torch.int64
+    assert studies["view_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert torch.count_nonzero(studies["pixel_values"][0, 2]) == 0 and torch.count_nonzero(studies["pixel_values"][1, 1:]) == 0
+    # a study's views are the same pixels as the images processed alone
+    torch.testing.assert_close(studies["pixel_values"][0, 1], flat["pixel_values"][2], rtol=0, atol=0)
+    torch.testing.assert_close(studies["pixel_values"][1, 0], flat["pixel_values"][1], rtol=0, atol=0)
+
+    padded = processor([[path]], num_views=3, return_tensors="np")
+    assert padded["pixel_values"].shape == (1, 3, 3, 32, 32) and padded["view_mask"].tolist() == [[1, 0, 0]]
+
+    # grayscale -> 3 identical channels; the same image as uint8 array, PIL and path gives the same pixels
+    out = processor([path, Image.open(path), np.array(Image.open(path))], return_tensors="np")["pixel_values"]
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+    assert np.array_equal(out[0, 0], out[0, 1]) and np.array_equal(out[0, 0], out[0, 2])
+
+    one_channel = processor(path, do_convert_rgb=False, return_tensors="np")["pixel_values"]
+    assert one_channel.shape == (1, 1, 32, 32) and np.allclose(one_channel[0, 0], out[0, 0])
+
+
+def test_resize_and_center_crop_match_hand_computation(covid_paths):
+    raw = np.array(Image.open(covid_paths[0]).convert("L"))
+    height, width = raw.shape
+    p = RefersImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 30, "width": 24})
+    got = p(raw, return_tensors="np")["pixel_values"][0, 0]
+    # independent reference: PIL bilinear resize of the shortest edge to 40, then a centre crop by hand
+    if height <= width:
+        new_h, new_w = 40, int(40 * width / height)
+    else:
+        new_h, new_w = int(40 * height / width), 40
+    resized = np.array(Image.fromarray(raw).resize((new_w, new_h), Image.BILINEAR))
+    top, left = (new_h - 30) // 2, (new_w - 24) // 2
+    np.testing.assert_allclose(got, to_unit(resized[top : top + 30, left : left + 24]), rtol=0, atol=1e-6)
+
+    small = np.arange(7 * 9, dtype=np.uint8).reshape(7, 9) * 3
+    p = RefersImageProcessor(do_resize=False, crop_size={"height": 4, "width": 4})
+    got = p(small, return_tensors="np")["pixel_values"][0]
+    expected = small[1:5, 2:6]  # top = (7 - 4) // 2 = 1, left = (9 - 4) // 2 = 2
+    np.testing.assert_allclose(got, np.stack([to_unit(expected)] * 3), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- determinism and randomness
+def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_paths):
+    studies = [[covid_paths[0], covid_paths[1]], [covid_paths[2]]]
+    eval_a = processor(studies, return_tensors="np")["pixel_values"]
+    eval_b = processor(studies, return_tensors="np", generator=123)["pixel_values"]
+    assert np.array_equal(eval_a, eval_b)
+
+    def train(generator):
+        return processor(studies, do_train_augment=True, generator=generator, return_tensors="np", return_flipped=True)
+
+    first, again, other = train(7), train(7), train(8)
+    assert np.array_equal(first["pixel_values"], again["pixel_values"])
+    assert np.array_equal(first["flipped"], again["flipped"])
+    assert not np.array_equal(first["pixel_values"], other["pixel_values"])
+    assert not np.array_equal(first["pixel_values"], eval_a)
+    # numpy Generator and random.Random are accepted and reproducible too
+    assert np.array_equal(train(np.random.default_rng(3))["pixel_values"], train(np.random.default_rng(3))["pixel_values"])
+    assert np.array_equal(train(random.Random(5))["pixel_values"], train(random.Random(5))["pixel_values"])
+    # no hidden global state: the global RNGs are untouched
+    state_np, state_py = np.random.get_state()[1].copy(), random.getstate()
+    train(None)
+    assert np.array_equal(np.random.get_state()[1], state_np) and random.getstate() == state_py
+    # values stay in the normalised range
+    assert first["pixel_values"].min() >= -1.0 - 1e-6 and first["pixel_values"].max() <= 1.0 + 1e-6
+
+
+def test_rotation_matches_pil_reference(covid_paths):
+    raw = np.array(Image.open(covid_paths[3]).convert("L"))
+    p = RefersImageProcessor(size={"shortest_edge": 40}, do_center_crop=False, **{**NO_RANDOM, "rotation_degrees": 10})
+    got = p(raw, do_train_augment=True, flip=False, generator=11, return_tensors="np")["pixel_values"][0, 0]
+    angle = np.random.default_rng(11).uniform(-10, 10)  # first draw (flip is forced, so not drawn)
+    resized = Image.fromarray(p.resize(raw[None], size=p.size, resample=p.resample)[0])
+    expected = np.array(resized.rotate(angle, resample=Image.BILINEAR, fillcolor=0))
+    np.testing.assert_allclose(got, to_unit(expected), rtol=0, atol=1e-6)
+    assert abs(angle) > 1 and not np.allclose(got, to_unit(np.array(resized)))
+
+
+def test_brightness_contrast_match_pil_enhance(covid_paths):
+    raw = np.array(Image.open(covid_paths[4]).convert("L"))
+    p = RefersImageProcessor(**SMALL, **{**NO_RANDOM, "color_jitter_probability": 1.0})
+    got = p(raw, do_train_augment=True, flip=False, generator=21, return_tensors="np")["pixel_values"][0, 0]
+    rng = np.random.default_rng(21)
+    rng.random()  # the jitter-probability draw
+    brightness, contrast = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4)
+    plain = p(raw, return_tensors="np")["pixel_values"][0, 0]
+    cropped = Image.fromarray(np.rint((plain * 0.5 + 0.5) * 255).astype(np.uint8))
+    expected = ImageEnhance.Contrast(ImageEnhance.Brightness(cropped).enhance(brightness)).enhance(contrast)
+    # PIL rounds to uint8 after each step and rounds the mean: allow 2 grey levels
+    np.testing.assert_allclose(got, to_unit(np.array(expected)), rtol=0, atol=2 * 2 / 255)
+    assert not np.allclose(got, plain, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- flip
+def test_forced_flip_mirrors_pixels_exactly(processor, covid_paths):
+    studies = [[covid_paths[0], covid_paths[1]], [covid_paths[2]]]
+    plain = processor(studies, return_tensors="np")["pixel_values"]
+    flipped = processor(studies, flip=[True, False], return_flipped=True, return_tensors="np")
+    assert flipped["flipped"].tolist() == [True, False]
+    assert np.array_equal(flipped["pixel_values"][0], plain[0][..., ::-1])  # both views of study 0
+    assert np.array_equal(flipped["pixel_values"][1], plain[1])
+    assert not np.array_equal(plain[0], plain[0][..., ::-1])
+
+
+def test_random_flip_in_training_matches_returned_flags(covid_paths):
+    p = RefersImageProcessor(**SMALL, **{**NO_RANDOM, "flip_probability": 0.5})
+    images = list(covid_paths)
+    plain = p(images, return_tensors="np")["pixel_values"]
+    out = p(images, do_train_augment=True, generator=0, return_flipped=True, return_tensors="np")
+    flags = out["flipped"].tolist()
+    assert 0 < sum(flags) < len(flags)
+    for index, flag in enumerate(flags):
+        expected = plain[index][..., ::-1] if flag else plain[index]
+        assert np.array_equal(out["pixel_values"][index], expected)
+    never = p(images, do_train_augment=True, generator=0, flip_probability=0.0, return_flipped=True)
+    always = p(images, do_train_augment=True, generator=0, flip_probability=1.0, return_flipped=True)
+    assert not never["flipped"].any() and always["flipped"].all()
+
+
+# ----------------------------------------------------------------------------- windowing
+def test_16bit_png_is_windowed_to_full_range(tmp_path, nih_paths):
+    raw = np.array(Image.open(nih_paths[0]).convert("L"))
+    wide = raw.astype(np.uint16) * 200 + 1000  # a real radiograph on a 16-bit scale
+    path = tmp_path / "radiograph16.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith("I")  # a genuine 16-bit PNG on disk
+    expected = np.rint((raw.astype(np.float64) - raw.min()) / (raw.max() - raw.min()) * 255).astype(np.uint8)
+    loaded = load_radiograph(path)
+    assert loaded.dtype == np.uint8 and loaded.min() == 0 and loaded.max() == 255
+    np.testing.assert_array_equal(loaded, expected)
+    # PIL's own 8-bit conversion clips a 16-bit image to white: the naive path is wrong
+    assert (np.array(Image.open(path).convert("L")) == 255).mean() > 0.9
+
+    p = RefersImageProcessor(do_resize=False, do_center_crop=False)
+    out = p(path, return_tensors="np")["pixel_values"][0, 0]
+    np.testing.assert_allclose(out, to_unit(expected), rtol=0, atol=1e-6)
+    assert out.min() == -1.0 and out.max() == 1.0
+
+
+def test_window_to_uint8_min_max_and_dicom_window():
+    floats = np.array([[-3.5, 0.0], [1.5, 12.5]])
+    np.testing.assert_array_equal(window_to_uint8(floats), np.rint((floats + 3.5) / 16 * 255).astype(np.uint8))
+    assert window_to_uint8(np.full((3, 3), 7.0)).max() == 0  # constant image: no division by zero
+
+    # DICOM-like CT slice in Hounsfield units, soft-tissue window (center 40, width 400)
+    hu = np.array([[-1000, -161, -160, 40], [239, 240, 1000, 3000]], dtype=np.int16)
+    out = window_to_uint8(hu, window_center=40, window_width=400)
+    # DICOM PS3.3 C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped
+    hand = [[0, 0, 0, round(((40 - 39.5) / 399 + 0.5) * 255)], [round(((239 - 39.5) / 399 + 0.5) * 255), 255, 255, 255]]
+    assert out.tolist() == hand
+    assert out.tolist()[0][3] == 128
+    inverted = window_to_uint8(hu, window_center=40, window_width=400, invert=True)  # MONOCHROME1
+    np.testing.assert_array_equal(inverted, 255 - out)
+    # windowing at the array level and then processing == what the processor sees
+    with pytest.raises(ValueError, match="both window_center and window_width"):
+        window_to_uint8(hu, window_center=40)
+    with pytest.raises(ValueError, match="window_width must be >= 1"):
+        window_to_uint8(hu, 40, 0)
+
+
+def test_dicom_file_uses_its_window_like_pydicom():
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    path = get_testdata_file("MR_small.dcm", download=False)
+    if path is None:
+        pytest.skip("pydicom test file MR_small.dcm not installed")
+    dataset = pydicom.dcmread(path)
+    loaded = load_radiograph(path)
+    assert loaded.dtype == np.uint8 and loaded.shape == dataset.pixel_array.shape
+    # independent reference: pydicom's VOI windowing into the signed 16-bit range, rescaled to 0..255
+    windowed = apply_windowing(apply_modality_lut(dataset.pixel_array, dataset), dataset)
+    low, high = -(2**15), 2**15 - 1
+    np.testing.assert_allclose(loaded, (windowed - low) / (high - low) * 255, rtol=0, atol=0.5 + 1e-6)
+
+    # a DICOM-derived int16 array windowed by hand, then passed as uint8, gives the same pixels as the file
+    array = window_to_uint8(apply_modality_lut(dataset.pixel_array, dataset), 600, 1600)
+    p = RefersImageProcessor(**SMALL)
+    assert np.array_equal(p(path, return_tensors="np")["pixel_values"], p(array, return_tensors="np")["pixel_values"])
+
+
+def test_monochrome1_dicom_is_inverted(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("MR_small.dcm", download=False)
+    if source is None:
+        pytest.skip("pydicom test file MR_small.dcm not installed")
+    dataset = pydicom.dcmread(source)
+    dataset.PhotometricInterpretation = "MONOCHROME1"
+    path = tmp_path / "mono1.dcm"
+    dataset.save_as(path)
+    np.testing.assert_array_equal(load_radiograph(path), 255 - load_radiograph(source))
+
+
+def test_high_bit_depth_arrays_are_min_max_windowed(processor):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(40, 40)).astype(np.uint8)
+    as_uint16 = base.astype(np.uint16) * 257
+    as_float = base.astype(np.float32) / 255.0 * 3000.0 - 1000.0
+    stretched = ((base.astype(np.float64) - base.min()) / (base.max() - base.min()) * 255).round().astype(np.uint8)
+    out = processor([stretched, as_uint16, as_float], return_tensors="np")["pixel_values"]
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unreadable_and_missing_files_name_the_file_and_study(processor, tmp_path, covid_paths):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("this is a text file, not a PNG")
+    with pytest.raises(OSError, match="not_an_image.png"):
+        load_radiograph(bad)
+    with pytest.raises(OSError, match=r"study 1 \(id 's2'\), view 0: cannot read image file .*not_an_image\.png"):
+        processor([[covid_paths[0]], [bad]], study_ids=["s1", "s2"])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        processor([covid_paths[0], tmp_path / "missing.png"])
+
+
+def test_zero_images_and_other_bad_input(processor, covid_paths):
+    with pytest.raises(ValueError, match=r"study 1 \(id 'p7/s9'\) has no images"):
+        processor([[covid_paths[0]], []], study_ids=["p7/s1", "p7/s9"])
+    with pytest.raises(ValueError, match="study 0 has no images"):
+        processor([[]])
+    with pytest.raises(ValueError, match="empty list"):
+        processor([])
+    with pytest.raises(ValueError, match="mixes studies"):
+        processor([covid_paths[0], [covid_paths[1]]])
+    with pytest.raises(TypeError, match="got int"):
+        processor(3)
+    with pytest.raises(ValueError, match="flip has 1 entries but images has 2"):
+        processor([covid_paths[0], covid_paths[1]], flip=[True])
+    with pytest.raises(ValueError, match="has 3 views but num_views=2"):
+        processor([[covid_paths[0]] * 3], num_views=2)
+    with pytest.raises(ValueError, match=r"image 0: an image array must be"):
+        processor(np.zeros((2, 3, 4, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match="flip_probability must be a probability"):
+        RefersImageProcessor(flip_probability=1.5)
+    with pytest.raises(ValueError, match="brightness_range"):
+        RefersImageProcessor(brightness_range=[1.4, 0.6])
+    with pytest.raises(TypeError, match="generator must be"):
+        make_generator("seed")
+
+
+# ----------------------------------------------------------------------------- serialisation
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, covid_paths):
+    p = RefersImageProcessor(**SMALL, rotation_degrees=7.5, brightness_range=[0.8, 1.2], do_train_augment=True)
+    p.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    loaded = RefersImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == p.to_dict()
+    assert loaded.rotation_degrees == 7.5 and list(loaded.brightness_range) == [0.8, 1.2] and loaded.do_train_augment
+    studies = [[covid_paths[0], covid_paths[1]], [covid_paths[2]]]
+    a = p(studies, generator=4, return_tensors="np")
+    b = loaded(studies, generator=4, return_tensors="np")
+    assert np.array_equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_auto_image_processor_round_trip(tmp_path, covid_paths):
+    from transformers import AutoImageProcessor, PretrainedConfig
+
+    class _ImageProcessorTestConfig(PretrainedConfig):
+        model_type = "refers-image-processor-test"
+
+    AutoImageProcessor.register(
+        _ImageProcessorTestConfig, image_processor_classes={"pil": RefersImageProcessor}, exist_ok=True
+    )
+    p = RefersImageProcessor(**SMALL)
+    p.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is RefersImageProcessor
+    assert np.array_equal(p(covid_paths[0])["pixel_values"], loaded(covid_paths[0])["pixel_values"])
