@@ -1,0 +1,387 @@
+# Copyright 2025 The refers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Processor for REFERS pretraining: a batch of studies (views + report) -> model inputs.
+
+`RefersProcessor` picks exactly `num_views` views per study, runs `RefersImageProcessor`, swaps left/right in the
+report of every study whose images were mirrored, and tokenises the reports. `train_report_tokenizer` trains a
+WordPiece report tokenizer with the `tokenizers` library and returns it as a transformers tokenizer.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+from transformers.image_processing_base import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import TensorType
+
+from .image_processing_refers import RefersImageProcessor, describe_study, make_batched_studies, make_generator
+
+
+REPORT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_VIEWS_CHOICES = ("repeat", "mask")
+
+# Whole words only: "left", "right" and their "-ward(s)" forms. Hyphens and punctuation are word boundaries, so
+# "left-sided" -> "right-sided"; words that merely contain the letters ("leftover", "rightly", "copyright") stay.
+_LEFT_RIGHT = re.compile(r"\b(left|right)(wards?)?\b", re.IGNORECASE)
+
+
+def _match_case(template: str, word: str) -> str:
+    if template.isupper():
+        return word.upper()
+    if template[:1].isupper():
+        return word[:1].upper() + word[1:].lower()
+    return word.lower()
+
+
+def swap_left_right(text: str) -> str:
+    """Swap the words left <-> right (and leftward(s) <-> rightward(s)) in `text`, keeping each word's case.
+
+    Used when a study's images are mirrored. Whole words only: "Left" -> "Right", "LEFT" -> "RIGHT",
+    "left-sided" -> "right-sided"; "leftover", "rightly", "bright" are left alone. Abbreviations such as "L"/"R"
+    or "lt"/"rt" are not changed.
+    """
+
+    def replace(match: re.Match) -> str:
+        side, suffix = match.group(1), match.group(2) or ""
+        other = "right" if side.lower() == "left" else "left"
+        return _match_case(side, other) + suffix
+
+    return _LEFT_RIGHT.sub(replace, text)
+
+
+def select_views(
+    num_available: int,
+    num_views: int,
+    rng: np.random.Generator | None = None,
+    pad_views: str = "repeat",
+    random_selection: bool = True,
+) -> list[int]:
+    """Indices of the views to use for one study, as in the paper.
+
+    - more views than `num_views`: `num_views` distinct views drawn at random (without replacement), kept in
+      their original order; without `random_selection` the first `num_views`.
+    - fewer views, `pad_views="repeat"`: all views, then ONE randomly chosen view repeated until `num_views`
+      (REFERS' procedure: the repeats are real images, so `view_mask` stays all ones); without
+      `random_selection` the views are cycled in order (0, 1, 0, 1, ...).
+    - fewer views, `pad_views="mask"`: all views only (the caller pads with empty views, `view_mask` 0).
+    """
+    if num_available < 1:
+        raise ValueError("a study needs at least one view")
+    if pad_views not in PAD_VIEWS_CHOICES:
+        raise ValueError(f"pad_views must be one of {PAD_VIEWS_CHOICES}, got {pad_views!r}")
+    if random_selection and rng is None:
+        raise ValueError("random view selection needs a numpy Generator `rng`")
+    if num_available >= num_views:
+        if not random_selection or num_available == num_views:
+            return list(range(num_views))
+        return sorted(int(i) for i in rng.choice(num_available, size=num_views, replace=False))
+    indices = list(range(num_available))
+    if pad_views == "mask":
+        return indices
+    if random_selection:
+        return indices + [int(rng.integers(num_available))] * (num_views - num_available)
+    return indices + [i % num_available for i in range(num_available, num_views)]
+
+
+def add_decoder_labels(input_ids: Sequence[Sequence[int]], attention_mask: Sequence[Sequence[int]]) -> list[list[int]]:
+    """`labels` for the report decoder: `input_ids` with padding positions (attention 0) set to -100."""
+    return [
+        [int(token) if int(keep) else -100 for token, keep in zip(ids, mask)]
+        for ids, mask in zip(input_ids, attention_mask)
+    ]
+
+
+class RefersProcessor(ProcessorMixin):
+    r"""
+    Turns a batch of studies (a list of views and a free-text report each) into REFERS pretraining inputs.
+
+    Args:
+        image_processor (`RefersImageProcessor`): the radiograph processor.
+        tokenizer (`PreTrainedTokenizerBase`): a BERT-style tokenizer (`train_report_tokenizer` or any BERT
+            tokenizer folder) whose `[CLS]` / `[SEP]` serve as report start / end tokens.
+        num_views (`int`, defaults to 3): views per study V; every study gets exactly V views.
+        max_length (`int`, defaults to 100): reports are truncated to this many tokens (start/end included).
+        pad_views (`str`, defaults to `"repeat"`): a study with fewer than V views repeats one randomly chosen
+            view (`"repeat"`, the paper's procedure; `view_mask` stays all ones since the repeats are real
+            images) or gets zero images with `view_mask` 0 (`"mask"`).
+        swap_left_right_on_flip (`bool`, defaults to `True`): swap left/right in the report of a mirrored study.
+
+    Output of `__call__` (`BatchFeature`): `pixel_values` `(B, V, C, H, W)` float32, `view_mask` `(B, V)` int64,
+    `input_ids` / `attention_mask` / `labels` `(B, T)` int64 (`labels` = `input_ids` with padding -> -100),
+    and `flipped` `(B,)` bool when `return_flipped=True`.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_views: int = 3,
+        max_length: int = 100,
+        pad_views: str = "repeat",
+        swap_left_right_on_flip: bool = True,
+        **kwargs,
+    ):
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise ValueError(f"num_views must be a positive int, got {num_views!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 (start and end tokens), got {max_length!r}")
+        if pad_views not in PAD_VIEWS_CHOICES:
+            raise ValueError(f"pad_views must be one of {PAD_VIEWS_CHOICES}, got {pad_views!r}")
+        self.num_views = num_views
+        self.max_length = max_length
+        self.pad_views = pad_views
+        self.swap_left_right_on_flip = bool(swap_left_right_on_flip)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the image processor with `RefersImageProcessor` itself (works before/without Auto registration)."""
+        image_processor = RefersImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return [image_processor, tokenizer]
+
+    @staticmethod
+    def _check_reports(text: Any, study_ids: Sequence[Any] | None) -> list[str]:
+        reports = [text] if isinstance(text, str) else text
+        if not isinstance(reports, (list, tuple)):
+            raise TypeError(f"text must be a report string or a list of report strings, got {type(text).__name__}")
+        for index, report in enumerate(reports):
+            if not isinstance(report, str):
+                raise TypeError(f"{describe_study(index, study_ids)}: the report must be a str, got {type(report).__name__}")
+            if not report.strip():
+                raise ValueError(f"{describe_study(index, study_ids)}: the report is empty; every study needs report text")
+        return list(reports)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        study_ids: Sequence[Any] | None = None,
+        return_tensors: str | TensorType | None = "pt",
+        generator: Any = None,
+        do_train_augment: bool | None = None,
+        flip: bool | Sequence[bool] | None = None,
+        padding: bool | str = "longest",
+        max_length: int | None = None,
+        return_flipped: bool = False,
+        **images_kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            images: a list of studies (each a list of views: paths, PIL images, arrays, tensors); a flat list
+                or a single image is read as single-view studies.
+            text: one report per study (findings + impression, as given).
+            study_ids: optional ids, one per study, named in error messages.
+            return_tensors: `"pt"` (default), `"np"` or `None`.
+            generator: randomness (int seed, `numpy.random.Generator`, `random.Random`) for view selection and
+                training augmentation; one seed reproduces the whole batch.
+            do_train_augment: training mode (random views, crops, flips, rotation, jitter); default: the image
+                processor's `do_train_augment`. Outside training the view choice is deterministic.
+            flip: force the horizontal flip per study (bool or one bool per study).
+            padding: tokenizer padding (`"longest"` default, or `"max_length"`).
+            max_length: override of `self.max_length` for this call.
+            return_flipped: also return `flipped` `(B,)`.
+            **images_kwargs: overrides passed to the image processor (`size`, `crop_size`, ...).
+        """
+        if images is None and text is None:
+            raise ValueError("RefersProcessor needs images, text or both")
+        if study_ids is not None:
+            study_ids = list(study_ids)
+        reports = self._check_reports(text, study_ids) if text is not None else None
+        train = self.image_processor.do_train_augment if do_train_augment is None else bool(do_train_augment)
+        rng = make_generator(generator) if (train or generator is not None) else None
+
+        data: dict[str, Any] = {}
+        batch_size = None
+        flipped = None
+        if images is not None:
+            studies, _ = make_batched_studies(images)
+            batch_size = len(studies)
+            if reports is not None and len(reports) != batch_size:
+                raise ValueError(f"got {batch_size} studies of images but {len(reports)} reports; pass one report per study")
+            if study_ids is not None and len(study_ids) != batch_size:
+                raise ValueError(f"study_ids has {len(study_ids)} entries but there are {batch_size} studies")
+            selected = []
+            for index, study in enumerate(studies):
+                if len(study) == 0:
+                    raise ValueError(f"{describe_study(index, study_ids)} has no images; every study needs at least one view")
+                keep = select_views(len(study), self.num_views, rng, self.pad_views, random_selection=train)
+                selected.append([study[i] for i in keep])
+            image_inputs = self.image_processor(
+                selected,
+                generator=rng,
+                flip=flip,
+                study_ids=study_ids,
+                num_views=self.num_views,
+                return_flipped=True,
+                do_train_augment=train,
+                return_tensors=None,
+                **images_kwargs,
+            )
+            flipped = [bool(value) for value in image_inputs["flipped"]]
+            data["pixel_values"] = image_inputs["pixel_values"]
+            data["view_mask"] = image_inputs["view_mask"]
+        elif reports is not None:
+            batch_size = len(reports)
+            if flip is None:
+                flipped = [False] * batch_size
+            elif isinstance(flip, (bool, np.bool_)):
+                flipped = [bool(flip)] * batch_size
+            else:
+                flipped = [bool(value) for value in flip]
+                if len(flipped) != batch_size:
+                    raise ValueError(f"flip has {len(flipped)} entries but there are {batch_size} reports")
+
+        if reports is not None:
+            if self.swap_left_right_on_flip:
+                reports = [swap_left_right(report) if flip_i else report for report, flip_i in zip(reports, flipped)]
+            encoded = self.tokenizer(
+                reports,
+                padding=padding,
+                truncation=True,
+                max_length=max_length or self.max_length,
+                return_attention_mask=True,
+                return_token_type_ids=False,
+            )
+            data["input_ids"] = encoded["input_ids"]
+            data["attention_mask"] = encoded["attention_mask"]
+            data["labels"] = add_decoder_labels(encoded["input_ids"], encoded["attention_mask"])
+        if return_flipped:
+            data["flipped"] = np.array(flipped, dtype=bool)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "view_mask", "input_ids", "attention_mask", "labels"]
+
+
+def _save_atomically(tokenizer: PreTrainedTokenizerBase, output_dir: str | os.PathLike) -> None:
+    """`save_pretrained` into a temporary folder beside `output_dir`, then move each file in with `os.replace`."""
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
+    try:
+        tokenizer.save_pretrained(staging)
+        _write_vocab_txt(tokenizer, staging)
+        os.makedirs(output_dir, exist_ok=True)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_report_tokenizer(
+    reports: Iterable[str],
+    vocab_size: int,
+    output_dir: str | os.PathLike | None = None,
+    min_frequency: int = 2,
+    lowercase: bool = True,
+    model_max_length: int = 512,
+) -> PreTrainedTokenizerBase:
+    """Train a WordPiece report tokenizer with the `tokenizers` library.
+
+    BERT normalizer (lowercasing and accent stripping when `lowercase`) and pre-tokenizer, specials
+    `[PAD]`=0 `[UNK]`=1 `[CLS]`=2 `[SEP]`=3 `[MASK]`=4, and a post-processor that writes `[CLS] ... [SEP]`
+    (the report start and end tokens). Blank reports are skipped.
+
+    Args:
+        reports: report strings (e.g. findings + impression).
+        vocab_size: target vocabulary size, specials included (the trainer keeps every character of the
+            alphabet, so a tiny target can be exceeded).
+        output_dir: if given, the tokenizer is saved there in transformers' format (files written to a
+            temporary folder first, then moved in), reloadable with `AutoTokenizer.from_pretrained(output_dir)`.
+        min_frequency: minimum count for a merge to enter the vocabulary.
+        lowercase: lowercase (uncased tokenizer).
+        model_max_length: the tokenizer's `model_max_length`.
+
+    Returns:
+        A `transformers.BertTokenizer` (the tokenizers-backed "fast" BERT tokenizer of transformers 5).
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(REPORT_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be an int > {len(REPORT_SPECIAL_TOKENS)}, got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
+    if isinstance(reports, str):
+        raise TypeError("reports must be an iterable of report strings, not one string")
+
+    texts = []
+    for index, report in enumerate(reports):
+        if not isinstance(report, str):
+            raise TypeError(f"report {index} must be a str, got {type(report).__name__}")
+        if report.strip():
+            texts.append(report)
+    if not texts:
+        raise ValueError("train_report_tokenizer got no non-empty report")
+
+    backend = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=REPORT_SPECIAL_TOKENS,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+
+    tokenizer = BertTokenizer(
+        tokenizer_object=backend,
+        do_lower_case=lowercase,
+        model_max_length=model_max_length,
+    )
+    if output_dir is not None:
+        _save_atomically(tokenizer, output_dir)
+    return tokenizer
+
+
+def _write_vocab_txt(tokenizer: PreTrainedTokenizerBase, directory: str) -> None:
+    """`vocab.txt` (one token per line, in id order), as in any BERT tokenizer folder."""
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[token] for token in tokens] != list(range(len(tokens))):
+        raise ValueError("the tokenizer's ids are not contiguous; cannot write vocab.txt")
+    with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as handle:
+        handle.write("".join(token + "\n" for token in tokens))
+
+
+__all__ = [
+    "REPORT_SPECIAL_TOKENS",
+    "RefersProcessor",
+    "add_decoder_labels",
+    "select_views",
+    "swap_left_right",
+    "train_report_tokenizer",
+]
