@@ -1,0 +1,102 @@
+"""Data sets of REFERS as `datasets.DatasetDict`s (splits `train`, `validation`, `test`).
+
+Source domain (image + report studies): rows `study_id`, `patient_id`, `images` (List(Image())),
+`view_positions` (List(string), same length), `report` (findings + impression).
+Target domain (labels): rows `image_id`, `patient_id`, `image` (Image()), `labels`: a float32 multi-hot
+list of length C (NIH ChestX-ray14, VinBigData) or a ClassLabel (Shenzhen TB, the COVID-19 tasks).
+
+All builders read the files as distributed, validate them, and return in-memory datasets (nothing is
+written to the `datasets` cache). `SAMPLE_DATA_DIR` is the small real sample shipped with the repository
+(same layout as ../shared/data).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import DatasetDict
+
+from .common import SPLITS, InvalidDataError
+from .covid19_collection import (
+    COVID_LABEL_NAMES,
+    VIRAL_BACTERIAL_LABEL_NAMES,
+    load_covid19_collection,
+    load_covid19_studies,
+)
+from .iu_xray import load_iu_xray
+from .label_ratio import sample_label_ratio, select_by_ids
+from .mimic_cxr import load_mimic_cxr
+from .nih_chestxray14 import NIH_LABEL_NAMES, NIH_SPLIT_FILE_LABEL_ORDER, load_nih_chestxray14
+from .reports import extract_findings_impression
+from .shenzhen_tb import SHENZHEN_LABEL_NAMES, load_shenzhen_tb
+from .study_folder import load_study_folder
+from .vinbigdata import VINBIGDATA_CLASS_IDS, VINBIGDATA_LABEL_NAMES, dicom_to_uint8, load_vinbigdata
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@dataclass(frozen=True)
+class TargetDatasetSpec:
+    """A fine-tuning data set: its loader `loader(data_dir, **kw) -> DatasetDict`, class names in label
+    order, the `problem_type` for `PretrainedConfig`, and the folder name of its split lists under `splits/`."""
+
+    name: str
+    loader: Callable[..., DatasetDict]
+    label_names: tuple[str, ...]
+    problem_type: str
+    default_split_dir: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        TargetDatasetSpec("nih_chestxray14", load_nih_chestxray14, NIH_LABEL_NAMES,
+                          "multi_label_classification", "nih_chestxray14"),
+        TargetDatasetSpec("vinbigdata", load_vinbigdata, VINBIGDATA_LABEL_NAMES,
+                          "multi_label_classification", "vinbigdata"),
+        TargetDatasetSpec("shenzhen_tb", load_shenzhen_tb, SHENZHEN_LABEL_NAMES,
+                          "single_label_classification", "shenzhen_tb"),
+        TargetDatasetSpec("covid19", functools.partial(load_covid19_collection, task="covid"), COVID_LABEL_NAMES,
+                          "single_label_classification", "covid19_collection"),
+        TargetDatasetSpec("covid19_viral_bacterial", functools.partial(load_covid19_collection, task="viral_bacterial"),
+                          VIRAL_BACTERIAL_LABEL_NAMES, "single_label_classification", "covid19_collection"),
+    )
+}
+
+SOURCE_DATASETS: dict[str, Callable[..., DatasetDict]] = {
+    "mimic_cxr": load_mimic_cxr,
+    "iu_xray": load_iu_xray,
+    "study_folder": load_study_folder,
+    "covid19_studies": load_covid19_studies,
+}
+
+
+def load_target_dataset(name: str, data_dir, **kwargs) -> DatasetDict:
+    """`TARGET_DATASETS[name].loader(data_dir, **kwargs)`; ValueError listing the valid names otherwise."""
+    if name not in TARGET_DATASETS:
+        raise ValueError(f"unknown target data set {name!r}; valid names: {', '.join(sorted(TARGET_DATASETS))}")
+    return TARGET_DATASETS[name].loader(data_dir, **kwargs)
+
+
+def load_source_dataset(name: str, *args, **kwargs) -> DatasetDict:
+    """`SOURCE_DATASETS[name](*args, **kwargs)`; ValueError listing the valid names otherwise."""
+    if name not in SOURCE_DATASETS:
+        raise ValueError(f"unknown source data set {name!r}; valid names: {', '.join(sorted(SOURCE_DATASETS))}")
+    return SOURCE_DATASETS[name](*args, **kwargs)
+
+
+__all__ = [
+    "SAMPLE_DATA_DIR", "SPLITS", "InvalidDataError", "TargetDatasetSpec", "TARGET_DATASETS", "SOURCE_DATASETS",
+    "load_target_dataset", "load_source_dataset", "load_mimic_cxr", "load_iu_xray", "load_study_folder",
+    "load_covid19_studies", "load_nih_chestxray14", "load_vinbigdata", "load_shenzhen_tb", "load_covid19_collection",
+    "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",
+    "NIH_SPLIT_FILE_LABEL_ORDER", "VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "SHENZHEN_LABEL_NAMES",
+    "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES",
+]

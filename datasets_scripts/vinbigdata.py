@@ -1,0 +1,241 @@
+"""VinBigData chest X-ray abnormalities: `train.csv` (per-radiologist boxes) + images -> 14 image labels.
+
+Layout (Kaggle "vinbigdata-chest-xray-abnormalities-detection"): `<data_dir>/train.csv` with columns
+`image_id, class_name, class_id, rad_id, x_min, y_min, x_max, y_max` (one row per box; three radiologists
+read each image) and images `<data_dir>/train/<image_id>.dicom` (or `.dcm`, or 8-bit `.png`/`.jpg`
+conversions, which are used as they are).
+
+Labels: `labels[c] = 1.0` when ANY radiologist drew a box of class `VINBIGDATA_LABEL_NAMES[c]` on the
+image; "No finding" (class id 14) adds nothing (an image only "No finding" is all-zero). An unknown
+`class_name`, or a `class_id` that disagrees with the competition's id of that name, is an error.
+
+Label order. `VINBIGDATA_LABEL_NAMES` is the paper's order (DESIGN.md), which differs from the
+competition's class ids (`VINBIGDATA_CLASS_IDS`, 0..13 alphabetical-ish, 14 = No finding). The REFERS
+split lists (`splits/vinbigdata/*.txt`, 14 float columns) use the paper's order; we checked this on the
+lists alone (train.csv is not in ../shared/data): the column sums over the 15,000 listed images are
+3067, 186, 96, 1322, 1981, 386, 1617, 452, 1032, 353, 2300, 1134, 826, 613, which are the competition's
+image counts "any radiologist" of Aortic enlargement (3067), Atelectasis (186), Pneumothorax (96), Lung
+Opacity, Pleural thickening (1981), ILD (386), Pulmonary fibrosis (1617), Calcification, Pleural effusion,
+Consolidation, Cardiomegaly (2300), Other lesion, Nodule/Mass, Infiltration; 10,606 rows are all-zero
+(the competition's "No finding"-only images); and the strongest co-occurrence is columns 0 and 10
+(1,973 images: aortic enlargement with cardiomegaly). In the competition's id order column 2 would be
+Calcification and column 10 Pleural effusion, which fits none of this. So split-file columns ==
+`VINBIGDATA_LABEL_NAMES`, and labels computed from train.csv are compared with the lists (disagreements
+are counted in a log warning).
+
+Splits: the paper's `train.txt`/`val.txt`/`test.txt` (default `<data_dir>/../splits/vinbigdata`), matched
+on image id; images not listed (and all images when there are no lists) get a seeded 70/10/20 split
+(no patient ids are published, so each image is its own patient).
+
+DICOM: converted once to 8-bit PNG in `converted_dir` (see `dicom_to_uint8`), written atomically and
+reused while newer than the DICOM; `datasets.Image()` then decodes the PNG lazily.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+from datasets import DatasetDict
+
+from .common import (
+    InvalidEntries,
+    assign_splits,
+    build_dataset_dict,
+    check_images,
+    compare_with_listed_labels,
+    multi_label_features,
+    read_split_lists,
+    read_table,
+    resolve_split_dir,
+    warn_missing_positives,
+)
+
+logger = logging.getLogger(__name__)
+
+VINBIGDATA_LABEL_NAMES = (
+    "Aortic enlargement", "Atelectasis", "Pneumothorax", "Lung Opacity", "Pleural thickening", "ILD",
+    "Pulmonary fibrosis", "Calcification", "Pleural effusion", "Consolidation", "Cardiomegaly", "Other lesion",
+    "Nodule/Mass", "Infiltration",
+)
+VINBIGDATA_CLASS_IDS = {
+    "Aortic enlargement": 0, "Atelectasis": 1, "Calcification": 2, "Cardiomegaly": 3, "Consolidation": 4,
+    "ILD": 5, "Infiltration": 6, "Lung Opacity": 7, "Nodule/Mass": 8, "Other lesion": 9, "Pleural effusion": 10,
+    "Pleural thickening": 11, "Pneumothorax": 12, "Pulmonary fibrosis": 13, "No finding": 14,
+}
+NO_FINDING = "No finding"
+DEFAULT_SPLIT_DIR = "vinbigdata"
+REQUIRED_COLUMNS = ("image_id", "class_name")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dicom", ".dcm")
+DICOM_EXTENSIONS = (".dicom", ".dcm")
+
+
+def dicom_to_uint8(path: str | os.PathLike, use_voi_lut: bool = True) -> np.ndarray:
+    """[H, W] uint8 image of a single-frame grayscale DICOM.
+
+    Stored values -> modality LUT (Rescale Slope/Intercept) -> VOI LUT or window (Window Center/Width)
+    when present and `use_voi_lut` -> inverted when PhotometricInterpretation is MONOCHROME1 (so bone is
+    bright) -> min-max stretched to 0..255 and rounded.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.ndim != 2:
+        raise ValueError(f"expected one grayscale frame, got pixel array of shape {pixels.shape}")
+    values = apply_modality_lut(pixels, ds)
+    if use_voi_lut and ("WindowCenter" in ds or "VOILUTSequence" in ds):
+        values = apply_voi_lut(values, ds)
+    values = values.astype(np.float64)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        values = values.max() - values
+    low, high = values.min(), values.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def convert_dicom(source: Path, target: Path, max_size: int | None = None) -> None:
+    """Writes `dicom_to_uint8(source)` as PNG to `target` (atomically), shrunk so that its longer side is
+    at most `max_size` when given."""
+    image = PIL.Image.fromarray(dicom_to_uint8(source), mode="L")
+    if max_size is not None and max(image.size) > max_size:
+        image.thumbnail((max_size, max_size), PIL.Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _convert_or_error(source: Path, target: Path, max_size: int | None) -> str | None:
+    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+        return None
+    try:
+        convert_dicom(source, target, max_size)
+    except Exception as err:  # pydicom/numpy raise many types for broken files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def default_converted_dir(image_dir: Path, max_size: int | None) -> Path:
+    """`<datasets cache>/refers_vinbigdata_png/<hash of the image folder>-<size>`."""
+    import datasets.config
+
+    digest = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:12]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "refers_vinbigdata_png" / f"{digest}-{max_size or 'full'}"
+
+
+def labels_from_boxes(table, table_path: Path, invalid: InvalidEntries) -> dict[str, list[float]]:
+    """`{image_id: multi-hot}` from the per-radiologist rows of train.csv (any radiologist -> positive)."""
+    has_ids = "class_id" in table.columns
+    labels: dict[str, list[float]] = {}
+    bad_images: set[str] = set()
+    for row_no, record in enumerate(table.to_dict("records"), start=1):
+        image_id = record["image_id"].strip()
+        name = record["class_name"].strip()
+        where = f"{table_path}, row {row_no}"
+        if not image_id:
+            invalid("empty image id", f"{where}: empty 'image_id'")
+            continue
+        vector = labels.setdefault(image_id, [0.0] * len(VINBIGDATA_LABEL_NAMES))
+        if name not in VINBIGDATA_CLASS_IDS:
+            invalid("unknown label", f"{where}: unknown label '{name}' in 'class_name' (image {image_id}); expected "
+                    f"one of {list(VINBIGDATA_CLASS_IDS)}")
+            bad_images.add(image_id)
+            continue
+        if has_ids and record["class_id"].strip() and record["class_id"].strip() != str(VINBIGDATA_CLASS_IDS[name]):
+            invalid("unknown label", f"{where}: class_id {record['class_id']!r} does not match class_name '{name}' "
+                    f"(competition id {VINBIGDATA_CLASS_IDS[name]})")
+            bad_images.add(image_id)
+            continue
+        if name != NO_FINDING:
+            vector[VINBIGDATA_LABEL_NAMES.index(name)] = 1.0
+    return {k: v for k, v in labels.items() if k not in bad_images}
+
+
+def load_vinbigdata(
+    data_dir: str | os.PathLike,
+    split_dir: str | os.PathLike | None = None,
+    image_dir: str | os.PathLike | None = None,
+    converted_dir: str | os.PathLike | None = None,
+    dicom_max_size: int | None = None,
+    split_seed: int = 0,
+    skip_invalid: bool = False,
+    verify_images: bool = True,
+) -> DatasetDict:
+    """VinBigData as a DatasetDict (train/validation/test) of `image_id`, `patient_id` (= image id), `image`,
+    `labels` (float32 x 14, VINBIGDATA_LABEL_NAMES order). See the module docstring."""
+    data_dir = Path(data_dir)
+    table_path = data_dir / "train.csv"
+    table = read_table(table_path, REQUIRED_COLUMNS)
+    invalid = InvalidEntries("vinbigdata", skip_invalid)
+    image_dir = Path(image_dir) if image_dir is not None else data_dir / "train"
+    labels = labels_from_boxes(table, table_path, invalid)
+
+    first_row = {}
+    for row_no, image_id in enumerate(table["image_id"].str.strip(), start=1):
+        first_row.setdefault(image_id, row_no)
+    rows, sources = [], []
+    for image_id, vector in labels.items():
+        where = f"{table_path}, row {first_row[image_id]} (image {image_id})"
+        path = next((image_dir / f"{image_id}{ext}" for ext in IMAGE_EXTENSIONS if (image_dir / f"{image_id}{ext}").is_file()),
+                    image_dir / f"{image_id}.dicom")
+        rows.append({"image_id": image_id, "patient_id": image_id, "image": path, "labels": vector})
+        sources.append(where)
+
+    dicom = [i for i, r in enumerate(rows) if r["image"].suffix.lower() in DICOM_EXTENSIONS]
+    raster = [i for i in range(len(rows)) if i not in set(dicom)]
+    ok = [True] * len(rows)
+    for i, good in zip(raster, check_images([(rows[i]["image"], sources[i]) for i in raster], invalid, verify_images,
+                                            desc="Checking VinBigData images")):
+        ok[i] = good
+    if dicom:
+        present = [i for i in dicom if rows[i]["image"].is_file()]
+        for i in sorted(set(dicom) - set(present)):
+            invalid("missing image", f"{sources[i]}: image {rows[i]['image']} not found")
+            ok[i] = False
+        out_dir = Path(converted_dir) if converted_dir is not None else default_converted_dir(image_dir, dicom_max_size)
+        targets = {i: out_dir / f"{rows[i]['image_id']}.png" for i in present}
+        logger.info("vinbigdata: converting %d DICOM files to 8-bit PNG in %s", len(present), out_dir)
+        workers = min(8, os.cpu_count() or 1)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) if len(present) > 64 else \
+                concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            errors = list(pool.map(_convert_or_error, [rows[i]["image"] for i in present], [targets[i] for i in present],
+                                   [dicom_max_size] * len(present)))
+        for i, err in zip(present, errors):
+            if err is not None:
+                invalid("corrupt image", f"{sources[i]}: image file {rows[i]['image']} is corrupt ({err})")
+                ok[i] = False
+            else:
+                rows[i]["image"] = targets[i]
+    rows = [dict(r, image=str(r["image"])) for r, good in zip(rows, ok) if good]
+    invalid.log_summary()
+
+    keys = [r["image_id"] for r in rows]
+    lists_dir = resolve_split_dir(data_dir, split_dir, DEFAULT_SPLIT_DIR)
+    listed = None
+    if lists_dir.is_dir():
+        listed = read_split_lists(lists_dir, len(VINBIGDATA_LABEL_NAMES), key="stem")
+        compare_with_listed_labels(keys, [r["labels"] for r in rows], listed, "vinbigdata")
+    else:
+        logger.info("vinbigdata: no split lists at %s; seeded 70/10/20 split", lists_dir)
+    splits = assign_splits(keys, keys, listed, split_seed, "vinbigdata")
+    dataset = build_dataset_dict(rows, splits, multi_label_features(VINBIGDATA_LABEL_NAMES))
+    logger.info("vinbigdata: %s", {k: len(v) for k, v in dataset.items()})
+    warn_missing_positives(dataset, VINBIGDATA_LABEL_NAMES, "vinbigdata")
+    return dataset
+
+
+__all__ = ["VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "dicom_to_uint8", "convert_dicom", "load_vinbigdata"]
