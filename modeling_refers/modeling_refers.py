@@ -252,13 +252,15 @@ class RefersPreTrainedModel(PreTrainedModel):
         the wrong shape raises a `ValueError` naming the keys. Weights the checkpoint has and this class does not
         (the text encoder and report decoder of a pretraining checkpoint) are listed as dropped in the report.
         """
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # collect shape mismatches; refused below unless a head's
         model, info = cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        mismatched = [item[0] if isinstance(item, (tuple, list)) else str(item) for item in info.get("mismatched_keys", [])]
         report = CheckpointLoadReport(
             new_keys=sorted(info["missing_keys"]),
             dropped_keys=sorted(info["unexpected_keys"]),
-            mismatched_keys=sorted(str(item) for item in info.get("mismatched_keys", [])),
+            mismatched_keys=sorted(mismatched),
         )
-        wrong = [key for key in report.new_keys if not key.startswith(cls._head_prefixes)] + report.mismatched_keys
+        wrong = [key for key in report.new_keys + report.mismatched_keys if not key.startswith(cls._head_prefixes)]
         if wrong:
             shown = ", ".join(wrong[:12]) + (f", ... ({len(wrong)} in all)" if len(wrong) > 12 else "")
             raise ValueError(
@@ -552,7 +554,7 @@ class RefersForPreTraining(RefersPreTrainedModel):
     `use_study_report_consistency`, `freeze_text_encoder`) decide which modules exist and learn.
     """
 
-    _tied_weights_keys = {
+    _decoder_tied_weights_keys = {
         "report_decoder.decoder.cls.predictions.decoder.weight": "report_decoder.decoder.bert.embeddings.word_embeddings.weight",
         "report_decoder.decoder.cls.predictions.decoder.bias": "report_decoder.decoder.cls.predictions.bias",
     }
@@ -562,6 +564,8 @@ class RefersForPreTraining(RefersPreTrainedModel):
         self.refers = RefersModel(config)
         study_width = config.num_views * config.hidden_size if config.use_view_fusion else config.hidden_size
         self.report_decoder = RefersReportDecoder(config) if config.use_report_generation else None
+        # The decoder's output weights are tied to its input embeddings; without a decoder there is nothing to tie.
+        self._tied_weights_keys = dict(self._decoder_tied_weights_keys) if self.report_decoder is not None else {}
         if config.use_study_report_consistency:
             self.text_encoder = AutoModel.from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)
