@@ -123,7 +123,9 @@ def load_dicom(path: str | os.PathLike) -> np.ndarray:
     except Exception as err:
         raise OSError(f"cannot read DICOM file '{path}': {err}") from err
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        raise ValueError(f"DICOM file '{path}' has {dataset.NumberOfFrames} frames; only single-frame images are supported")
+        raise ValueError(
+            f"DICOM file '{path}' has {dataset.NumberOfFrames} frames; only single-frame images are supported"
+        )
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:
         return pixels if pixels.dtype == np.uint8 else window_to_uint8(pixels)
@@ -172,7 +174,9 @@ def _array_to_uint8(array: Any) -> np.ndarray:
         elif array.shape[-1] == 4:
             array = array[..., :3]  # drop alpha: radiographs are opaque
     elif array.ndim != 2:
-        raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {array.shape}")
+        raise ValueError(
+            f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {array.shape}"
+        )
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if array.dtype != np.uint8:
@@ -226,7 +230,8 @@ def make_generator(generator: Any = None) -> np.random.Generator:
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         return np.random.default_rng(int(generator))
     raise TypeError(
-        f"generator must be None, an int seed, a numpy.random.Generator or a random.Random; got {type(generator).__name__}"
+        "generator must be None, an int seed, a numpy.random.Generator or a random.Random; "
+        f"got {type(generator).__name__}"
     )
 
 
@@ -357,7 +362,10 @@ class RefersImageProcessor(PilBackend):
         color_jitter_probability=None,
         **kwargs,
     ) -> None:
-        for name, value in (("flip_probability", flip_probability), ("color_jitter_probability", color_jitter_probability)):
+        for name, value in (
+            ("flip_probability", flip_probability),
+            ("color_jitter_probability", color_jitter_probability),
+        ):
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         if rotation_degrees is not None and not 0.0 <= float(rotation_degrees) <= 180.0:
@@ -374,7 +382,9 @@ class RefersImageProcessor(PilBackend):
         if kwargs.get("do_center_crop") and (
             kwargs.get("crop_size") is None or not (kwargs["crop_size"].height and kwargs["crop_size"].width)
         ):
-            raise ValueError(f"crop_size must have 'height' and 'width' when do_center_crop=True, got {kwargs.get('crop_size')}")
+            raise ValueError(
+                f"crop_size must have 'height' and 'width' when do_center_crop=True, got {kwargs.get('crop_size')}"
+            )
 
     # ------------------------------------------------------------------ loading
     def fetch_images(self, image_url_or_urls):
@@ -545,7 +555,9 @@ class RefersImageProcessor(PilBackend):
             raise ValueError(f"study_ids has {len(study_ids)} entries but images has {batch_size} studies/images")
         for index, study in enumerate(studies):
             if len(study) == 0:
-                raise ValueError(f"{describe_study(index, study_ids)} has no images; every study needs at least one view")
+                raise ValueError(
+                    f"{describe_study(index, study_ids)} has no images; every study needs at least one view"
+                )
             if num_views is not None and len(study) > num_views:
                 raise ValueError(
                     f"{describe_study(index, study_ids)} has {len(study)} views but num_views={num_views}; "

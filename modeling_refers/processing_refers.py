@@ -165,9 +165,13 @@ class RefersProcessor(ProcessorMixin):
             raise TypeError(f"text must be a report string or a list of report strings, got {type(text).__name__}")
         for index, report in enumerate(reports):
             if not isinstance(report, str):
-                raise TypeError(f"{describe_study(index, study_ids)}: the report must be a str, got {type(report).__name__}")
+                raise TypeError(
+                    f"{describe_study(index, study_ids)}: the report must be a str, got {type(report).__name__}"
+                )
             if not report.strip():
-                raise ValueError(f"{describe_study(index, study_ids)}: the report is empty; every study needs report text")
+                raise ValueError(
+                    f"{describe_study(index, study_ids)}: the report is empty; every study needs report text"
+                )
         return list(reports)
 
     def __call__(
@@ -216,13 +220,17 @@ class RefersProcessor(ProcessorMixin):
             studies, _ = make_batched_studies(images)
             batch_size = len(studies)
             if reports is not None and len(reports) != batch_size:
-                raise ValueError(f"got {batch_size} studies of images but {len(reports)} reports; pass one report per study")
+                raise ValueError(
+                    f"got {batch_size} studies of images but {len(reports)} reports; pass one report per study"
+                )
             if study_ids is not None and len(study_ids) != batch_size:
                 raise ValueError(f"study_ids has {len(study_ids)} entries but there are {batch_size} studies")
             selected = []
             for index, study in enumerate(studies):
                 if len(study) == 0:
-                    raise ValueError(f"{describe_study(index, study_ids)} has no images; every study needs at least one view")
+                    raise ValueError(
+                        f"{describe_study(index, study_ids)} has no images; every study needs at least one view"
+                    )
                 keep = select_views(len(study), self.num_views, rng, self.pad_views, random_selection=train)
                 selected.append([study[i] for i in keep])
             image_inputs = self.image_processor(

@@ -70,7 +70,8 @@ def test_input_layouts_shapes_and_dtypes(processor, covid_paths, nih_paths):
     assert studies["pixel_values"].shape == (3, 3, 3, 32, 32)
     assert studies["view_mask"].dtype == torch.int64
     assert studies["view_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-    assert torch.count_nonzero(studies["pixel_values"][0, 2]) == 0 and torch.count_nonzero(studies["pixel_values"][1, 1:]) == 0
+    assert torch.count_nonzero(studies["pixel_values"][0, 2]) == 0
+    assert torch.count_nonzero(studies["pixel_values"][1, 1:]) == 0
     # a study's views are the same pixels as the images processed alone
     torch.testing.assert_close(studies["pixel_values"][0, 1], flat["pixel_values"][2], rtol=0, atol=0)
     torch.testing.assert_close(studies["pixel_values"][1, 0], flat["pixel_values"][1], rtol=0, atol=0)
@@ -124,7 +125,8 @@ def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_
     assert not np.array_equal(first["pixel_values"], other["pixel_values"])
     assert not np.array_equal(first["pixel_values"], eval_a)
     # numpy Generator and random.Random are accepted and reproducible too
-    assert np.array_equal(train(np.random.default_rng(3))["pixel_values"], train(np.random.default_rng(3))["pixel_values"])
+    from_numpy_a, from_numpy_b = train(np.random.default_rng(3)), train(np.random.default_rng(3))
+    assert np.array_equal(from_numpy_a["pixel_values"], from_numpy_b["pixel_values"])
     assert np.array_equal(train(random.Random(5))["pixel_values"], train(random.Random(5))["pixel_values"])
     # no hidden global state: the global RNGs are untouched
     state_np, state_py = np.random.get_state()[1].copy(), random.getstate()
@@ -216,12 +218,14 @@ def test_window_to_uint8_min_max_and_dicom_window():
     hu = np.array([[-1000, -161, -160, 40], [239, 240, 1000, 3000]], dtype=np.int16)
     out = window_to_uint8(hu, window_center=40, window_width=400)
     # DICOM PS3.3 C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped
-    hand = [[0, 0, 0, round(((40 - 39.5) / 399 + 0.5) * 255)], [round(((239 - 39.5) / 399 + 0.5) * 255), 255, 255, 255]]
+    hand = [
+        [0, 0, 0, round(((40 - 39.5) / 399 + 0.5) * 255)],
+        [round(((239 - 39.5) / 399 + 0.5) * 255), 255, 255, 255],
+    ]
     assert out.tolist() == hand
     assert out.tolist()[0][3] == 128
     inverted = window_to_uint8(hu, window_center=40, window_width=400, invert=True)  # MONOCHROME1
     np.testing.assert_array_equal(inverted, 255 - out)
-    # windowing at the array level and then processing == what the processor sees
     with pytest.raises(ValueError, match="both window_center and window_width"):
         window_to_uint8(hu, window_center=40)
     with pytest.raises(ValueError, match="window_width must be >= 1"):

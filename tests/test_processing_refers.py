@@ -132,10 +132,11 @@ def test_tokenizer_bad_input():
 
 # ----------------------------------------------------------------------------- left/right swap
 def test_swap_left_right_whole_words_and_case():
-    text = "Left lung clear; left-sided effusion. LEFT and RIGHT. Right-ward shift, rightwards. Leftover bright copyright."
+    text = "Left lung clear; left-sided effusion. LEFT and RIGHT. Right-ward shift, rightwards. Leftover, copyright."
     assert swap_left_right(text) == (
-        "Right lung clear; right-sided effusion. RIGHT and LEFT. Left-ward shift, leftwards. Leftover bright copyright."
+        "Right lung clear; right-sided effusion. RIGHT and LEFT. Left-ward shift, leftwards. Leftover, copyright."
     )
+    assert swap_left_right("bright, rightly, lefty") == "bright, rightly, lefty"
     assert swap_left_right(swap_left_right(text)) == text
     assert swap_left_right("No acute disease.") == "No acute disease."
     assert swap_left_right("left/right") == "right/left"
@@ -177,7 +178,13 @@ def test_processor_gives_exactly_num_views(tokenizer, image_paths):
     few, many = image_paths[:2], image_paths[:5]
     subsets = set()
     for seed in range(6):
-        out = proc(images=[few, many, image_paths[5:6]], text=["a", "b", "c"], do_train_augment=True, generator=seed, return_tensors="np")
+        out = proc(
+            images=[few, many, image_paths[5:6]],
+            text=["a", "b", "c"],
+            do_train_augment=True,
+            generator=seed,
+            return_tensors="np",
+        )
         assert out["pixel_values"].shape == (3, 3, 3, 32, 32)
         assert out["view_mask"].tolist() == [[1, 1, 1]] * 3  # repeats are real images
         fewer = _match_views(out["pixel_values"][0], reference)
@@ -235,7 +242,8 @@ def test_flip_swaps_report_words_and_mirrors_pixels(processor, tokenizer, image_
     # random training flips: the report is swapped exactly for the studies reported as flipped
     proc = RefersProcessor(RefersImageProcessor(**SMALL, **{**VIEWS_ONLY, "flip_probability": 0.5}), tokenizer)
     many = ["Left effusion."] * 8
-    out = proc(images=[[p] for p in image_paths] + [image_paths[:1]] * 2, text=many, do_train_augment=True, generator=3, return_flipped=True)
+    studies = [[path] for path in image_paths] + [image_paths[:1]] * 2
+    out = proc(images=studies, text=many, do_train_augment=True, generator=3, return_flipped=True)
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["input_ids"]]
     assert 0 < int(out["flipped"].sum()) < 8
     for flag, text in zip(out["flipped"].tolist(), decoded):
@@ -315,7 +323,9 @@ def test_auto_processor_round_trip(processor, image_paths, reports, tmp_path):
     class _ProcessorTestConfig(PretrainedConfig):
         model_type = "refers-processor-test"
 
-    AutoImageProcessor.register(_ProcessorTestConfig, image_processor_classes={"pil": RefersImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        _ProcessorTestConfig, image_processor_classes={"pil": RefersImageProcessor}, exist_ok=True
+    )
     AutoProcessor.register(_ProcessorTestConfig, RefersProcessor, exist_ok=True)
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
@@ -323,3 +333,34 @@ def test_auto_processor_round_trip(processor, image_paths, reports, tmp_path):
     a = processor(images=[image_paths[:2]], text=[reports[5]])
     b = loaded(images=[image_paths[:2]], text=[reports[5]])
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_saved_folder_loads_with_trust_remote_code(tokenizer, tmp_path, monkeypatch):
+    """With `register_for_auto_class`, the saved folder carries the processing code and loads without this package."""
+    import subprocess
+    import sys
+    import textwrap
+
+    monkeypatch.setattr(RefersImageProcessor, "_auto_class", "AutoImageProcessor")
+    monkeypatch.setattr(RefersProcessor, "_auto_class", "AutoProcessor")
+    folder = tmp_path / "processor"
+    RefersProcessor(RefersImageProcessor(**SMALL), tokenizer).save_pretrained(folder)
+    assert {"processing_refers.py", "image_processing_refers.py"} <= set(os.listdir(folder))
+    load = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert "modeling_refers" not in sys.modules, "the package itself must not be needed"
+        out = processor(images=[[np.full((40, 40), 90, np.uint8)]], text=["Left effusion."], flip=True)
+        assert type(processor).__name__ == "RefersProcessor" and tuple(out["pixel_values"].shape) == (1, 3, 3, 32, 32)
+        print(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=True))
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", load], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "right effusion."
