@@ -1,4 +1,4 @@
-"""Evaluation metrics for REFERS fine-tuning: per-class ROC AUC (scikit-learn), the bundled `evaluate` module, ROC plots.
+"""REFERS fine-tuning metrics: per-class ROC AUC (scikit-learn), the bundled `evaluate` module, ROC plots.
 
 The paper reports the area under the ROC curve per class and its mean over classes. A class whose references are
 all one value (no positive or no negative in the split) has no AUC: it is reported as `None`, left out of the mean
@@ -35,7 +35,9 @@ def _as_float_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _prepare(references: Any, scores: Any, label_names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _prepare(
+    references: Any, scores: Any, label_names: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Validate inputs and return (multi-hot references (N, C) int, scores (N, C) float64, C names)."""
     scores_arr = _as_float_array(scores, "scores")
     refs_arr = _as_float_array(references, "references")
@@ -141,7 +143,12 @@ def multilabel_auc(references: Any, scores: Any, label_names: Sequence[str] | No
 
 
 def roc_curve_png(
-    references: Any, scores: Any, label_names: Sequence[str] | None, path: str | os.PathLike, *, title: str | None = None
+    references: Any,
+    scores: Any,
+    label_names: Sequence[str] | None,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
 ) -> Path:
     """Plot one ROC curve per class (with its AUC in the legend) to a PNG at `path`, written atomically.
 

@@ -111,7 +111,9 @@ def _normalize_results(results) -> list[dict]:
     if isinstance(results, Mapping):
         results = [results]
     if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
-        raise ValueError(f"`results` must be a results.json dict, a list of them, or None; got {type(results).__name__}")
+        raise ValueError(
+            f"`results` must be a results.json dict, a list of them, or None; got {type(results).__name__}"
+        )
     checked = [_check_results(r, f"results[{i}]") for i, r in enumerate(results)]
     datasets_seen = [r["dataset"] for r in checked]
     if len(set(datasets_seen)) != len(datasets_seen):
@@ -177,7 +179,8 @@ def _results_section(results: list[dict]) -> str:
         lines.append(f"| **Mean** | **{_fmt_auc(r['mean_auc'])}** |")
         scalars = {k: v for k, v in sorted(r["config"].items()) if isinstance(v, (str, int, float, bool)) or v is None}
         if scalars:
-            lines += ["", "<details><summary>Fine-tuning configuration</summary>", "", "| Setting | Value |", "|---|---|"]
+            lines += ["", "<details><summary>Fine-tuning configuration</summary>", ""]
+            lines += ["| Setting | Value |", "|---|---|"]
             lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in scalars.items()]
             lines += ["", "</details>"]
     return "\n".join(lines)

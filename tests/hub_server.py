@@ -225,7 +225,8 @@ class LocalHub:
                 )
             repo = Repo(repo_type=repo_type, repo_id=repo_id, private=private, created_at=_now())
             self.repos[(repo_type, repo_id)] = repo
-            gitattributes = StoredFile(size=len(GITATTRIBUTES), blob_id=git_blob_id(GITATTRIBUTES), content=GITATTRIBUTES)
+            data = GITATTRIBUTES
+            gitattributes = StoredFile(size=len(data), blob_id=git_blob_id(data), content=data)
             self._add_commit(repo, "main", None, "initial commit", "", {".gitattributes": gitattributes})
             return repo
 
@@ -669,7 +670,8 @@ def route_resolve(h: _Handler, method: str, path: str, body: bytes):
         repo_type, parts = REPO_TYPES[parts[0]], parts[1:]
     if len(parts) < 5 or parts[2] != "resolve":
         return False
-    repo_id, revision, filename = f"{unquote(parts[0])}/{unquote(parts[1])}", unquote(parts[3]), unquote("/".join(parts[4:]))
+    repo_id = f"{unquote(parts[0])}/{unquote(parts[1])}"
+    revision, filename = unquote(parts[3]), unquote("/".join(parts[4:]))
     hub = h.hub
     with hub._lock:
         repo = h._repo(repo_type, repo_id)

@@ -156,7 +156,9 @@ def test_errors_are_the_hub_errors(local_hub, tmp_path):
         hf_hub_download("org/errs", ".gitattributes", revision="nope")
     (tmp_path / "a.txt").write_text("a")
     with pytest.raises(HfHubHTTPError) as exc:
-        HfApi(token="hf_wrong").upload_file(path_or_fileobj=tmp_path / "a.txt", path_in_repo="a.txt", repo_id="org/errs")
+        HfApi(token="hf_wrong").upload_file(
+            path_or_fileobj=tmp_path / "a.txt", path_in_repo="a.txt", repo_id="org/errs"
+        )
     assert exc.value.response.status_code == 401
     with pytest.raises(HfHubHTTPError) as exc:
         create_repo("someone-else/repo")
@@ -178,7 +180,7 @@ def test_subprocess_sees_the_local_hub(local_hub, tmp_path):
     create_repo("org/sub")
     HfApi().upload_file(path_or_fileobj=tmp_path / "hello.txt", path_in_repo="hello.txt", repo_id="org/sub")
     code = "from huggingface_hub import hf_hub_download; print(open(hf_hub_download('org/sub', 'hello.txt')).read())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hello from the local hub"
     assert ("GET", "/org/sub/resolve/main/hello.txt") in local_hub.requests
