@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -232,13 +233,13 @@ def seeded_patient_split(
     patients: Sequence[str], seed: int, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS
 ) -> dict[str, str]:
     """Patient-level split: sorted unique patients, permuted with `numpy.random.default_rng(seed)`, cut at
-    round(f_train * n) and round((f_train + f_val) * n). Returns `{patient: split}`."""
+    floor(f_train * n + 0.5) and floor((f_train + f_val) * n + 0.5). Returns `{patient: split}`."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     unique = sorted(set(patients))
     order = np.random.default_rng(seed).permutation(len(unique))
-    n_train = round(fractions[0] * len(unique))
-    n_train_val = round((fractions[0] + fractions[1]) * len(unique))
+    n_train = math.floor(fractions[0] * len(unique) + 0.5)
+    n_train_val = math.floor((fractions[0] + fractions[1]) * len(unique) + 0.5)
     split_of = {}
     for rank, index in enumerate(order):
         split_of[unique[index]] = "train" if rank < n_train else "validation" if rank < n_train_val else "test"
