@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
-    package_data={"modeling_refers": ["metrics/*.py"]},
+    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

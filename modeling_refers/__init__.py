@@ -1,8 +1,17 @@
 """REFERS for the Hugging Face ecosystem. Importing this package registers the Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    AutoProcessor,
+)
 
 from .configuration_refers import RefersConfig
+from .evaluation import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
+from .image_processing_refers import RefersImageProcessor, load_dicom, load_radiograph, window_to_uint8
 from .modeling_refers import (
     RefersForImageClassification,
     RefersForPreTraining,
@@ -12,12 +21,15 @@ from .modeling_refers import (
     TimmLoadReport,
     convert_timm_vit_state_dict,
 )
+from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
 AutoModel.register(RefersConfig, RefersModel, exist_ok=True)
 AutoModelForImageClassification.register(RefersConfig, RefersForImageClassification, exist_ok=True)
 AutoModelForPreTraining.register(RefersConfig, RefersForPreTraining, exist_ok=True)
+AutoImageProcessor.register(RefersConfig, image_processor_classes={"pil": RefersImageProcessor}, exist_ok=True)
+AutoProcessor.register(RefersConfig, RefersProcessor, exist_ok=True)
 
 # A folder written by save_pretrained carries `auto_map` and the modeling files, so it loads with
 # trust_remote_code=True where this package is not installed.
@@ -25,9 +37,22 @@ RefersConfig.register_for_auto_class()
 RefersModel.register_for_auto_class("AutoModel")
 RefersForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 RefersForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+RefersImageProcessor.register_for_auto_class("AutoImageProcessor")
+RefersProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "RefersConfig",
+    "RefersImageProcessor",
+    "RefersProcessor",
+    "load_dicom",
+    "load_multilabel_auc_metric",
+    "multilabel_auc",
+    "roc_curve_png",
+    "load_radiograph",
+    "select_views",
+    "swap_left_right",
+    "train_report_tokenizer",
+    "window_to_uint8",
     "RefersForImageClassification",
     "RefersForPreTraining",
     "RefersModel",

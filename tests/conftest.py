@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hub_server import local_hub  # noqa: F401  (the offline Hub fixture, tests/hub_server.py)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
