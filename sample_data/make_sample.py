@@ -1,0 +1,172 @@
+"""Regenerates the embedded sample (this folder) from the shared real data, deterministically.
+
+    python sample_data/make_sample.py [--shared-data ../shared/data] [--out sample_data]
+
+Selection (see README.md here):
+- covid19_collection: every row of each patient (X-ray rows only, licence checked again) who has at least
+  one study (same patientid, date and offset) with two or more images and clinical notes of at least
+  three words; images copied unchanged; metadata.csv keeps all columns, in the original order.
+- nih_chestxray14_sample: every image of the first 70 patients (by Patient ID) with an image in the
+  1,000-image subset's train_val_list.txt and of the first 25 with an image in its test_list.txt, with
+  their Data_Entry_2017.csv rows and lines of train_val_list.txt / test_list.txt.
+- splits/: the lines of the REFERS split lists that name a selected image, unchanged.
+- ATTRIBUTION.md: the licence, DOI and URL of every COVID-19 collection image.
+Only the standard library is used. Output is built in a temporary folder, then moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NIH_TRAIN_VAL_PATIENTS = 70
+NIH_TEST_PATIENTS = 25
+MIN_NOTE_WORDS = 3
+REDISTRIBUTABLE = ("CC BY", "CC BY 2.0", "CC BY 3.0", "CC BY 4.0", "CC BY-SA", "CC BY-SA 4.0", "CC BY-NC-SA",
+                   "CC BY-NC-SA 4.0")
+MANAGED = ("covid19_collection", "nih_chestxray14_sample", "splits", "ATTRIBUTION.md")
+
+
+def default_shared_data() -> Path:
+    env = os.environ.get("REFERS_SHARED_DATA")
+    return Path(env) if env else HERE.parent.parent / "shared" / "data"
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        return header, list(reader)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _filter_list(source: Path, target: Path, names: set[str]) -> int:
+    lines = [ln for ln in source.read_text(encoding="utf-8").splitlines(keepends=True)
+             if ln.split() and ln.split()[0].rsplit("/", 1)[-1] in names]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def select_covid(shared: Path, out: Path) -> list[dict[str, str]]:
+    header, rows = _read_csv(shared / "covid19_collection" / "metadata.csv")
+    col = {name: i for i, name in enumerate(header)}
+    rows = [r for r in rows if r[col["modality"]] == "X-ray"]
+    studies: dict[tuple[str, str, str], list[list[str]]] = {}
+    for r in rows:
+        studies.setdefault((r[col["patientid"]], r[col["date"]], r[col["offset"]]), []).append(r)
+    patients = {key[0] for key, group in studies.items()
+                if len(group) >= 2 and any(len(r[col["clinical_notes"]].split()) >= MIN_NOTE_WORDS for r in group)}
+    chosen = [r for r in rows if r[col["patientid"]] in patients]
+    bad = sorted({r[col["license"]] for r in chosen} - set(REDISTRIBUTABLE))
+    if bad:
+        raise SystemExit(f"licences not known to allow redistribution: {bad}")
+    (out / "covid19_collection" / "images").mkdir(parents=True)
+    for r in chosen:
+        target = out / "covid19_collection" / r[col["folder"]] / r[col["filename"]]
+        if not target.exists():
+            shutil.copyfile(shared / "covid19_collection" / r[col["folder"]] / r[col["filename"]], target)
+    _write_csv(out / "covid19_collection" / "metadata.csv", header, chosen)
+    originals = {r[col["original_filename"]] for r in chosen}
+    for name in ("train", "val", "test"):
+        _filter_list(shared / "splits" / "covid19_collection" / f"{name}.txt",
+                     out / "splits" / "covid19_collection" / f"{name}.txt", originals)
+    return [{k: r[col[k]] for k in ("filename", "patientid", "license", "doi", "url")} for r in chosen]
+
+
+def select_nih(shared: Path, out: Path) -> None:
+    source = shared / "nih_chestxray14_sample"
+    header, rows = _read_csv(source / "Data_Entry_2017.csv")
+    col = {name: i for i, name in enumerate(header)}
+    test_names = set((source / "test_list.txt").read_text(encoding="utf-8").split())
+    in_test = sorted({int(r[col["Patient ID"]]) for r in rows if r[col["Image Index"]] in test_names})
+    in_train_val = sorted({int(r[col["Patient ID"]]) for r in rows if r[col["Image Index"]] not in test_names})
+    patients = set(in_train_val[:NIH_TRAIN_VAL_PATIENTS]) | set(in_test[:NIH_TEST_PATIENTS])
+    chosen = [r for r in rows if int(r[col["Patient ID"]]) in patients]
+    names = {r[col["Image Index"]] for r in chosen}
+    (out / "nih_chestxray14_sample" / "images").mkdir(parents=True)
+    for name in sorted(names):
+        shutil.copyfile(source / "images" / name, out / "nih_chestxray14_sample" / "images" / name)
+    _write_csv(out / "nih_chestxray14_sample" / "Data_Entry_2017.csv", header, chosen)
+    for name in ("train_val_list.txt", "test_list.txt"):
+        _filter_list(source / name, out / "nih_chestxray14_sample" / name, names)
+    for name in ("val", "test"):
+        _filter_list(shared / "splits" / "nih_chestxray14" / f"{name}.txt",
+                     out / "splits" / "nih_chestxray14" / f"{name}.txt", names)
+
+
+def write_attribution(out: Path, covid_rows: list[dict[str, str]]) -> None:
+    lines = [
+        "# Attribution of the sample images",
+        "",
+        "## COVID-19 image data collection (`covid19_collection/`)",
+        "",
+        "Cohen JP, Morrison P, Dao L. COVID-19 image data collection. arXiv:2003.11597, 2020",
+        "(https://github.com/ieee8023/covid-chestxray-dataset, snapshot of 2020-06-22). Each image keeps the",
+        "licence of its source publication, listed below with the source's DOI/URL (also in the `license`,",
+        "`doi` and `url` columns of `metadata.csv`). Images were converted to 8-bit grayscale JPEGs with the",
+        "shorter side resized to 256 px (see README.md). Not for diagnostic use.",
+        "",
+        "| image | patient | licence | DOI | URL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in covid_rows:
+        lines.append(f"| {r['filename']} | {r['patientid']} | {r['license']} | {r['doi'] or '-'} | {r['url'] or '-'} |")
+    lines += [
+        "",
+        "## NIH ChestX-ray14 (`nih_chestxray14_sample/`)",
+        "",
+        "Images from the NIH Clinical Center ChestX-ray14 release (no restrictions on use), downsampled to",
+        "64x64. Please cite: Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale",
+        "Chest X-ray Database and Benchmarks on Weakly-Supervised Classification and Localization of Common",
+        "Thorax Diseases. CVPR 2017. We acknowledge the NIH Clinical Center for providing the data.",
+        "",
+        "## Split lists (`splits/`)",
+        "",
+        "Lines of the split lists published with REFERS (Zhou HY et al., Generalized radiograph representation",
+        "learning via cross-supervision between images and free-text radiology reports, Nature Machine",
+        "Intelligence 4, 32-40, 2022; https://github.com/funnyzhou/REFERS), unchanged, for the images above.",
+        "",
+    ]
+    (out / "ATTRIBUTION.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def make_sample(shared: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".make_sample-", dir=out) as tmp:
+        build = Path(tmp)
+        covid_rows = select_covid(shared, build)
+        select_nih(shared, build)
+        write_attribution(build, covid_rows)
+        for name in MANAGED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(build / name, target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared-data", type=Path, default=default_shared_data(), help="the shared real data folder")
+    parser.add_argument("--out", type=Path, default=HERE, help="where to write the sample (default: this folder)")
+    args = parser.parse_args()
+    if not (args.shared_data / "README.md").is_file():
+        raise SystemExit(f"{args.shared_data}: shared data not found (set --shared-data or REFERS_SHARED_DATA)")
+    make_sample(args.shared_data, args.out)
+
+
+if __name__ == "__main__":
+    main()
