@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_refers import swap_left_right
+from modeling_refers.model_card import save_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,15 @@ class RefersTrainer(Trainer):
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         finally:
             self.data_collator = train_collator
+
+    # A huggingface_hub ModelCard (filled from results.json) pushed instead of the Trainer's generic card.
+    model_card = None
+
+    def create_model_card(self, *args, **kwargs):
+        if self.model_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            save_model_card(self.model_card, os.path.join(self.args.output_dir, "README.md"))
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
