@@ -3,7 +3,7 @@
 Every builder reads the files as distributed, validates everything (tables, image files, labels) in
 Python, and only then creates in-memory `datasets.Dataset`s with `Dataset.from_dict`. Nothing is written
 to the `datasets` cache, so a failed build leaves nothing behind and a re-run after fixing the input
-always re-reads the files. Image columns hold file paths; `datasets.Image()` decodes them lazily.
+always re-reads the files. Image columns hold absolute file paths; `datasets.Image()` decodes them lazily.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def load_covid19_collection(
     (file name), `patient_id`, `image`, `labels` (ClassLabel). `task`: "covid" or "viral_bacterial"."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     table, table_path = _read_rows(data_dir)
     name = f"covid19_collection[{task}]"
     invalid = InvalidEntries(name, skip_invalid)
@@ -194,7 +194,7 @@ def load_covid19_studies(
 ) -> DatasetDict:
     """Source-domain studies of the collection as a DatasetDict (train/validation/test) of `study_id`,
     `patient_id`, `images`, `view_positions`, `report` (the clinical notes). See the module docstring."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     table, table_path = _read_rows(data_dir)
     missing = [c for c in group_by if c not in table.columns]
     if missing or "patientid" not in group_by:

@@ -102,7 +102,7 @@ def load_iu_xray(
 ) -> DatasetDict:
     """IU X-ray studies as a DatasetDict (train/validation/test) of `study_id`, `patient_id`, `images`,
     `view_positions`, `report`. See the module docstring."""
-    reports_path_or_dir, image_dir = Path(reports_path_or_dir), Path(image_dir)
+    reports_path_or_dir, image_dir = Path(reports_path_or_dir).absolute(), Path(image_dir).absolute()
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image folder not found")
     if dicom_metadata_path is None:

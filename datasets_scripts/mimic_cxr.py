@@ -100,10 +100,10 @@ def load_mimic_cxr(
 ) -> DatasetDict:
     """MIMIC-CXR-JPG studies as a DatasetDict (train/validation/test) of `study_id`, `patient_id`
     (subject_id), `images`, `view_positions` (ViewPosition, blank -> "UNKNOWN"), `report`."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     split_path = Path(split_path) if split_path is not None else data_dir / SPLIT_FILE
     metadata_path = Path(metadata_path) if metadata_path is not None else data_dir / METADATA_FILE
-    image_dir = Path(image_dir) if image_dir is not None else data_dir / "files"
+    image_dir = Path(image_dir).absolute() if image_dir is not None else data_dir / "files"
     split_table = read_table(split_path, SPLIT_COLUMNS)
     metadata = read_table(metadata_path, METADATA_COLUMNS)
     view_of = dict(zip(metadata["dicom_id"].str.strip(), metadata["ViewPosition"]))

@@ -114,7 +114,7 @@ def load_nih_chestxray14(
     `labels` (float32 x 14, NIH_LABEL_NAMES order). See the module docstring for layout and splits."""
     if split not in {"refers", "official"}:
         raise ValueError(f"split must be 'refers' or 'official', got {split!r}")
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     table_path = data_dir / "Data_Entry_2017.csv"
     table = read_table(table_path, REQUIRED_COLUMNS)
     invalid = InvalidEntries("nih_chestxray14", skip_invalid)

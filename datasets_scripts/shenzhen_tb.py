@@ -47,7 +47,7 @@ def load_shenzhen_tb(
 ) -> DatasetDict:
     """Shenzhen TB as a DatasetDict (train/validation/test) of `image_id` (file name), `patient_id`,
     `image`, `labels` (ClassLabel normal/tuberculosis)."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     image_dir = data_dir / "CXR_png" if (data_dir / "CXR_png").is_dir() else data_dir
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: folder not found")

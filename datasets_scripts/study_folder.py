@@ -79,7 +79,7 @@ def load_study_folder(
 ) -> DatasetDict:
     """Studies of `<data_dir>/metadata.jsonl` as a DatasetDict (train/validation/test) of `study_id`,
     `patient_id`, `images`, `view_positions`, `report`."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     path = data_dir / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")

@@ -177,11 +177,11 @@ def load_vinbigdata(
 ) -> DatasetDict:
     """VinBigData as a DatasetDict (train/validation/test) of `image_id`, `patient_id` (= image id), `image`,
     `labels` (float32 x 14, VINBIGDATA_LABEL_NAMES order). See the module docstring."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).absolute()
     table_path = data_dir / "train.csv"
     table = read_table(table_path, REQUIRED_COLUMNS)
     invalid = InvalidEntries("vinbigdata", skip_invalid)
-    image_dir = Path(image_dir) if image_dir is not None else data_dir / "train"
+    image_dir = Path(image_dir).absolute() if image_dir is not None else data_dir / "train"
     labels = labels_from_boxes(table, table_path, invalid)
 
     first_row = {}
