@@ -82,7 +82,11 @@ def load_target_dataset(name: str, data_dir, **kwargs) -> DatasetDict:
     """`TARGET_DATASETS[name].loader(data_dir, **kwargs)`; ValueError listing the valid names otherwise."""
     if name not in TARGET_DATASETS:
         raise ValueError(f"unknown target data set {name!r}; valid names: {', '.join(sorted(TARGET_DATASETS))}")
-    return TARGET_DATASETS[name].loader(data_dir, **kwargs)
+    loader = TARGET_DATASETS[name].loader
+    fixed = sorted(set(getattr(loader, "keywords", {})) & set(kwargs))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} is fixed by the data set name {name!r}; do not pass it")
+    return loader(data_dir, **kwargs)
 
 
 def load_source_dataset(name: str, *args, **kwargs) -> DatasetDict:

@@ -1,9 +1,10 @@
 """Shared pieces of the data-set builders: features, validation, split lists and split assignment.
 
 Every builder reads the files as distributed, validates everything (tables, image files, labels) in
-Python, and only then creates in-memory `datasets.Dataset`s with `Dataset.from_dict`. Nothing is written
-to the `datasets` cache, so a failed build leaves nothing behind and a re-run after fixing the input
-always re-reads the files. Image columns hold absolute file paths; `datasets.Image()` decodes them lazily.
+Python, and only then creates in-memory `datasets.Dataset`s with `Dataset.from_dict`. No Arrow cache is
+written, so a failed build leaves nothing behind and a re-run after fixing the input always re-reads the
+files. (The one thing written is VinBigData's DICOM -> 8-bit PNG conversion: complete files, each written
+atomically.) Image columns hold absolute file paths; `datasets.Image()` decodes them lazily.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 class InvalidDataError(ValueError):
-    """Bad input files: the message names the file, the row (or line) and what was expected."""
+    """Bad input files: the message names the file, the row (or line) and what was expected.
+
+    "row N" is the N-th data record of a table (1-based, header not counted); "line N" is the N-th text line.
+    """
 
 
 # ----------------------------------------------------------------------------------------------- features

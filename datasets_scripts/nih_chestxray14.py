@@ -120,10 +120,14 @@ def load_nih_chestxray14(
     invalid = InvalidEntries("nih_chestxray14", skip_invalid)
     image_index = index_images(data_dir)
 
-    rows, entries = [], []
+    rows, entries, seen = [], [], {}
     for row_no, record in enumerate(table.to_dict("records"), start=1):
         where = f"{table_path}, row {row_no}"
         name = record["Image Index"].strip()
+        if name in seen:
+            invalid("duplicate image", f"{where}: image {name} is already listed in row {seen[name]}")
+            continue
+        seen[name] = row_no
         try:
             labels = parse_finding_labels(record["Finding Labels"], where)
         except InvalidDataError as err:

@@ -159,6 +159,13 @@ def test_unknown_label_names_file_row_and_label(small_nih):
     assert sum(len(d) for d in ds.values()) == 11
 
 
+def test_duplicate_row(small_nih):
+    root, rows = small_nih
+    _write_entry(root / "Data_Entry_2017.csv", rows + [rows[0]])
+    with pytest.raises(InvalidDataError, match=rf"row 13: image {rows[0]['Image Index']} is already listed in row 1"):
+        load_nih_chestxray14(root)
+
+
 def test_missing_image_names_file_and_row(small_nih, caplog):
     root, rows = small_nih
     (root / "images_001" / "images" / rows[2]["Image Index"]).unlink()

@@ -47,6 +47,8 @@ def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown target data set 'chexpert'; valid names: covid19, covid19_viral_bacterial, "
                                          r"nih_chestxray14, shenzhen_tb, vinbigdata"):
         load_target_dataset("chexpert", ".")
+    with pytest.raises(ValueError, match=r"task is fixed by the data set name 'covid19'"):
+        load_target_dataset("covid19", ".", task="viral_bacterial")
     with pytest.raises(ValueError, match=r"unknown source data set 'padchest'; valid names: covid19_studies, iu_xray, "
                                          r"mimic_cxr, study_folder"):
         load_source_dataset("padchest", ".")
