@@ -137,7 +137,6 @@ class RefersConfig(PreTrainedConfig):
             is_decoder=True,
             add_cross_attention=True,
             tie_word_embeddings=self.tie_word_embeddings,
-            loss_type="ForCausalLM",
             pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,

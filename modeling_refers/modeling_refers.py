@@ -516,6 +516,7 @@ class RefersReportDecoder(nn.Module):
         super().__init__()
         self.memory_projection = nn.Linear(config.hidden_size, config.decoder_hidden_size)
         self.decoder = BertLMHeadModel(config.get_decoder_config())
+        self.decoder.loss_type = "ForCausalLM"  # shifted next-token cross entropy, -100 ignored
 
     def forward(self, input_ids, attention_mask, memory, memory_mask, labels=None):
         return self.decoder(
