@@ -31,7 +31,10 @@ visual_features[:, 0:1]`) and gates views with sigmoids, so converted configs us
 from the weights: it defaults to the paper's 12 (`--num_attention_heads`).
 
     python -m modeling_refers.convert_refers_original_checkpoint --checkpoint_path refers_checkpoint.pth \
-        --output_dir refers-vit-base [--task classification --num_labels 14] [--num_attention_heads 12]
+        --output_dir refers-vit-base [--task classification --num_labels 14] [--num_attention_heads 12] \
+        [--aggregation cls_add] [--image_size 384] [--config folder] [--save_image_processor] [--overwrite]
+
+The output folder is written to a temporary sibling, read back, and only then renamed into place.
 """
 
 from __future__ import annotations
@@ -370,7 +373,8 @@ def convert_official_state_dict(
     position_key = f"{BASE_PREFIX}.embeddings.position_embeddings"
     position = converted.get(position_key)
     wanted = expected["embeddings.position_embeddings"]
-    if position is not None and position.ndim == 3 and position.shape[-1] == wanted[-1] and position.shape != wanted:
+    if (isinstance(position, torch.Tensor) and position.ndim == 3 and position.shape[-1] == wanted[-1]
+            and position.shape != wanted):
         from timm.layers import resample_abs_pos_embed
 
         old_grid, new_grid = math.isqrt(position.shape[1] - 1), math.isqrt(wanted[1] - 1)
@@ -391,9 +395,10 @@ def convert_official_state_dict(
             for leaf in ("weight", "bias"):
                 if f"{name}.{leaf}" not in state_dict:
                     raise ValueError(f"The checkpoint has '{name}.weight' but no '{name}.{leaf}'.")
-                if state_dict[f"{name}.{leaf}"].shape[0] != 1:
+                gate = state_dict[f"{name}.{leaf}"]
+                if not isinstance(gate, torch.Tensor) or gate.ndim == 0 or gate.shape[0] != 1:
                     raise ValueError(
-                        f"'{name}.{leaf}' has shape {tuple(state_dict[f'{name}.{leaf}'].shape)}; an official view "
+                        f"'{name}.{leaf}' is {getattr(gate, 'shape', type(gate).__name__)}; an official view "
                         "gate is a Linear(num_views * hidden_size, 1)."
                     )
         for leaf in ("weight", "bias"):
@@ -549,7 +554,14 @@ def convert_refers_original_checkpoint(
                     "to start a new one, or use task='backbone'."
                 )
             num_labels = head.shape[0]
-        if head is not None and head.shape != (num_labels, config.hidden_size):
+        if head is not None and (head.ndim != 2 or head.shape[1] != config.hidden_size):
+            raise ValueError(
+                f"The checkpoint's 'head.weight' has shape {tuple(head.shape)}: it reads {head.shape[-1]} features, "
+                f"but RefersForImageClassification's classifier reads the aggregation token ({config.hidden_size}). "
+                "(The official COVID-19 `modeling_2.py` head reads layers 6 and 12 concatenated; it has no "
+                "counterpart here.) Use task='backbone' and fine-tune a new head."
+            )
+        if head is not None and head.shape[0] != num_labels:
             raise ValueError(
                 f"The checkpoint's 'head.weight' has shape {tuple(head.shape)} but num_labels={num_labels} and "
                 f"hidden_size={config.hidden_size} need ({num_labels}, {config.hidden_size}); pass the matching "

@@ -259,6 +259,12 @@ def test_classification_head_errors_and_new_head(tmp_path, original):
     loaded = AutoModelForImageClassification.from_pretrained(output)
     assert loaded.classifier.out_features == 3
     assert torch.equal(loaded.refers.layers[1].mlp.fc2.weight, original.layers[1].mlp.fc2.weight)
+    two_layer_head = official_layouts(original, head=torch.nn.Linear(2 * HIDDEN, 2))["finetune"]
+    covid = save_checkpoint(tmp_path, two_layer_head, "covid.pth")
+    with pytest.raises(ValueError, match=r"reads 64 features.*Use task='backbone'"):
+        convert_refers_original_checkpoint(covid, tmp_path / "e", task="classification", num_attention_heads=HEADS)
+    backbone = convert_refers_original_checkpoint(covid, tmp_path / "e", num_attention_heads=HEADS)
+    assert (backbone / "config.json").is_file()  # the backbone task drops that head (reported as unmapped)
     with pytest.raises(ValueError, match="only apply to task='classification'"):
         convert_refers_original_checkpoint(checkpoint, tmp_path / "d", num_labels=5, num_attention_heads=HEADS)
 
