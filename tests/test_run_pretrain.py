@@ -49,6 +49,10 @@ def test_two_steps_with_the_real_bert_write_a_loadable_checkpoint(tmp_path, shar
     assert model.config.text_config.hidden_size == 384
     processor = RefersProcessor.from_pretrained(out)
     assert processor.num_views == 3 and processor.max_length == 32
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(out)) is RefersProcessor  # registered by `import modeling_refers`
+    assert AutoImageProcessor.from_pretrained(out).crop_size["height"] == 32
     clf, report = RefersForImageClassification.from_pretrained_checked(out, num_labels=2)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     assert "text_encoder" in report.dropped_by_module()
