@@ -104,7 +104,7 @@ def initialisation(model_args: ModelArguments) -> str:
     return "refers" if model_args.model_name_or_path else "timm" if model_args.timm_weights else "random"
 
 
-def build_model(model_args: ModelArguments, spec, label_kwargs: dict) -> RefersForImageClassification:
+def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImageClassification:
     init = initialisation(model_args)
     if init == "refers":
         model, report = RefersForImageClassification.from_pretrained_checked(
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
         num_labels=spec.num_labels, problem_type=spec.problem_type,
         id2label=dict(enumerate(spec.label_names)), label2id={n: i for i, n in enumerate(spec.label_names)},
     )
-    model = build_model(model_args, spec, label_kwargs)
+    model = build_model(model_args, label_kwargs)
     image_processor = RefersImageProcessor(**processor_sizes(model.config.image_size))
     trainer = RefersTrainer(
         model=model,

@@ -172,11 +172,8 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
-    kwargs = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
-    if data_args.dataset_name == "iu_xray":
-        data = load_source_dataset("iu_xray", data_args.data_dir, **kwargs)
-    else:
-        data = load_source_dataset(data_args.dataset_name, data_args.data_dir)
+    extra = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
+    data = load_source_dataset(data_args.dataset_name, data_args.data_dir, **extra)
     train_set, eval_set = data["train"], data["validation"]
     if data_args.max_train_samples:
         train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))

@@ -644,7 +644,8 @@ class RefersForPreTraining(RefersPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> RefersForPreTrainingOutput:
         r"""
-        pixel_values (`(batch, V, C, H, W)` or `(batch, C, H, W)`): studies (or single images).
+        pixel_values (`(batch, V, C, H, W)`): studies of `config.num_views` views (`(batch, C, H, W)` single images
+            only with `use_view_fusion=False`).
         view_mask (`(batch, V)`, *optional*): 1 for real views.
         input_ids, attention_mask (`(batch, T)`): report tokens for the text encoder.
         labels (`(batch, T)`): report tokens the decoder must reproduce, -100 at padding. Without
