@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,8 @@ import pandas as pd
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, NamedSplit, Value
 from datasets.utils.tqdm import tqdm
+
+from modeling_refers.file_utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -359,21 +360,6 @@ def warn_missing_positives(
                 f"{', '.join(repr(m) for m in missing)}",
                 stacklevel=3,
             )
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

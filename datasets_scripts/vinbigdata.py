@@ -37,12 +37,13 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 from datasets import DatasetDict
+
+from modeling_refers.file_utils import atomic_open
 
 from .common import (
     InvalidEntries,
@@ -108,15 +109,8 @@ def convert_dicom(source: Path, target: Path, max_size: int | None = None) -> No
     image = PIL.Image.fromarray(dicom_to_uint8(source), mode="L")
     if max_size is not None and max(image.size) > max_size:
         image.thumbnail((max_size, max_size), PIL.Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(target, "wb") as handle:
+        image.save(handle, format="PNG")
 
 
 def _convert_or_error(source: Path, target: Path, max_size: int | None) -> str | None:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +40,7 @@ from datasets_scripts import (  # noqa: E402
 )
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor  # noqa: E402
 from modeling_refers.evaluation import multilabel_auc, roc_curve_png  # noqa: E402
+from modeling_refers.file_utils import atomic_open, atomic_write_text  # noqa: E402
 from modeling_refers.model_card import make_model_card, save_model_card  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -142,24 +142,15 @@ def first(dataset, limit: int | None):
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
-def atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def write_predictions(path: str, ids, references, scores, label_names) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False, newline="",
-                                     suffix=".tmp") as handle:
+    references = np.asarray(references)
+    if references.ndim == 1:  # class ids -> one-hot
+        references = np.eye(len(label_names), dtype=int)[references]
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", *[f"score_{n}" for n in label_names], *[f"label_{n}" for n in label_names]])
-        references = np.asarray(references)
-        if references.ndim == 1:  # class ids -> one-hot
-            references = np.eye(len(label_names), dtype=int)[references]
         for image_id, score, label in zip(ids, scores, references):
             writer.writerow([image_id, *[f"{s:.9g}" for s in score], *[int(v) for v in label]])
-    os.replace(handle.name, path)
 
 
 def main(argv=None) -> dict:
@@ -236,7 +227,7 @@ def main(argv=None) -> dict:
         "label_ids_path": os.path.abspath(ids_path) if os.path.exists(ids_path) else None,
     }
     if trainer.is_world_process_zero():
-        atomic_write(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
+        atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
         if training_args.do_predict:
             write_predictions(os.path.join(training_args.output_dir, "predictions.csv"), test_set["image_id"],
                               prediction.label_ids, scores, spec.label_names)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 from scipy import stats
@@ -30,6 +29,8 @@ from scipy import stats
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_finetune  # noqa: E402
+
+from modeling_refers.file_utils import atomic_open, atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 COLUMNS = ["init", "label_ratio", "runs", "mean_auc", "std_auc", "compared_with", "p_value"]
@@ -139,15 +140,8 @@ def plot(rows: list[dict], dataset_name: str, path: str) -> None:
     axes.set_title(f"Label efficiency: {dataset_name}")
     axes.legend()
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), suffix=".png", delete=False) as tmp:
-        figure.savefig(tmp, format="png")
-    os.replace(tmp.name, path)
-
-
-def write_text(path: str, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png")
 
 
 def main(argv=None) -> list[dict]:
@@ -171,8 +165,8 @@ def main(argv=None) -> list[dict]:
     results = run_grid(args.output_dir, args.dataset_name, args.data_dir, args.ratios, args.seeds, args.inits,
                        finetune_args)
     rows = summarise(results)
-    write_text(os.path.join(args.output_dir, "label_efficiency.md"), to_markdown(rows, args.dataset_name))
-    write_text(os.path.join(args.output_dir, "label_efficiency.csv"), to_csv(rows))
+    atomic_write_text(os.path.join(args.output_dir, "label_efficiency.md"), to_markdown(rows, args.dataset_name))
+    atomic_write_text(os.path.join(args.output_dir, "label_efficiency.csv"), to_csv(rows))
     plot(rows, args.dataset_name, os.path.join(args.output_dir, "label_efficiency.png"))
     print(to_markdown(rows, args.dataset_name))
     return rows

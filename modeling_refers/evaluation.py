@@ -8,13 +8,14 @@ and named in a `UndefinedAUCWarning`.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .file_utils import atomic_open
 
 
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "multilabel_auc"
@@ -182,15 +183,8 @@ def roc_curve_png(
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

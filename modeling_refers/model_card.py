@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .file_utils import atomic_open
 
 
 DEFAULT_TAGS = ("refers", "chest-x-ray", "medical-imaging", "vision-transformer")
@@ -350,15 +351,8 @@ def load_results(path: str | os.PathLike) -> dict:
 def save_model_card(card: ModelCard, path: str | os.PathLike) -> Path:
     """Write `card` to `path` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        f.write(str(card))
     return path
 
 
