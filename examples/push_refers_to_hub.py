@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining

@@ -23,7 +23,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hub_server import LocalHub, configure_hf_client, local_hub, set_offline  # noqa: F401
+from hub_server import LocalHub, configure_hf_client, set_offline
 
 
 def _tiny_vit_config() -> ViTConfig:

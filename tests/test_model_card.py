@@ -12,7 +12,6 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from hub_server import local_hub  # noqa: F401
 from modeling_refers.model_card import (
     DEFAULT_TAGS,
     REFERS_CITATION,
