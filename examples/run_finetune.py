@@ -29,7 +29,7 @@ from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, se
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from refers_training import ImageLabelCollator, RefersTrainer, processor_sizes, resume_checkpoint  # noqa: E402
+from modeling_refers.training_refers import ImageLabelCollator, RefersTrainer, processor_sizes, resume_checkpoint  # noqa: E402
 
 from datasets_scripts import (  # noqa: E402
     SAMPLE_DATA_DIR,

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from refers_training import (  # noqa: E402
+from modeling_refers.training_refers import (  # noqa: E402
     RefersTrainer,
     StudyReportCollator,
     default_text_encoder_path,

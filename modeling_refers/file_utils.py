@@ -19,6 +19,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file owner-only (0600); give it the mode `open()` would (0666 less the umask).
+    os.chmod(tmp, 0o666 & ~_current_umask())
     if mode == "w":
         open_kwargs.setdefault("encoding", "utf-8")
     try:
@@ -28,6 +30,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

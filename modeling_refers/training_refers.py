@@ -1,4 +1,4 @@
-"""Training glue shared by `run_pretrain.py` and `run_finetune.py`: batch collators that call the processor, the
+"""Training glue shared by the example scripts (`run_pretrain.py`, `run_finetune.py`, ...): batch collators that call the processor, the
 paper's SGD optimizer (two learning rates, no weight decay on LayerNorm and biases), and small helpers.
 
 Data flows one way: `datasets` rows -> collator (processor) -> model -> Trainer.
@@ -6,8 +6,10 @@ Data flows one way: `datasets` rows -> collator (processor) -> model -> Trainer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,8 +17,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_refers import swap_left_right
-from modeling_refers.model_card import save_model_card
+from .processing_refers import swap_left_right
+from .file_utils import atomic_write_text
+from .model_card import save_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -165,19 +168,67 @@ class RefersTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint`, else the last `checkpoint-*` in `--output_dir` (a run started again goes on
-    where it stopped); None to start fresh."""
+RUN_SIGNATURE_FILE = "run_signature.json"
+
+
+def _normalise_signature(signature: dict) -> dict:
+    return json.loads(json.dumps(signature, sort_keys=True, default=str))
+
+
+def resume_checkpoint(training_args: TrainingArguments, signature: dict | None = None,
+                      start_fresh: bool = False) -> str | None:
+    """The checkpoint to resume from, or None to start fresh; raises before anything is written when the
+    `--output_dir` holds another run.
+
+    `--resume_from_checkpoint` wins. Otherwise the last `checkpoint-*` in `--output_dir` is resumed only when the
+    run that wrote it had the same `signature` (data, label ratio, seed, starting point, ...: whatever decides what
+    the run computes), read from `run_signature.json`; a different signature raises a `ValueError` naming the fields
+    that differ. `start_fresh=True` (the scripts' `--start_fresh`) deletes the old `checkpoint-*` folders and starts
+    again. Call [`write_run_signature`] once the inputs are known good.
+    """
     if training_args.resume_from_checkpoint:
         if not os.path.isdir(training_args.resume_from_checkpoint):
             raise FileNotFoundError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r} is not a folder")
         return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir):
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info(f"Resuming from {last} (the last checkpoint in --output_dir).")
-        return last
-    return None
+    output_dir = training_args.output_dir
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if start_fresh:
+        if last is not None and training_args.should_save:
+            for name in os.listdir(output_dir):
+                if name.startswith("checkpoint-") and os.path.isdir(os.path.join(output_dir, name)):
+                    shutil.rmtree(os.path.join(output_dir, name))
+            logger.warning(f"--start_fresh: removed the checkpoints of the earlier run in {output_dir}.")
+        return None
+    if last is None:
+        return None
+    if signature is not None:
+        saved_path = os.path.join(output_dir, RUN_SIGNATURE_FILE)
+        saved = None
+        if os.path.isfile(saved_path):
+            with open(saved_path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        wanted = _normalise_signature(signature)
+        if saved != wanted:
+            if saved is None:
+                reason = f"it has no {RUN_SIGNATURE_FILE} saying what that run was"
+            else:
+                fields = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+                reason = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in fields)
+            raise ValueError(
+                f"--output_dir {output_dir!r} holds checkpoints of another run ({reason}), so resuming would continue "
+                "that run on these settings. Pass another --output_dir, or --start_fresh to delete those checkpoints "
+                "and start again."
+            )
+    logger.info(f"Resuming from {last} (the last checkpoint of the same run in --output_dir).")
+    return last
+
+
+def write_run_signature(training_args: TrainingArguments, signature: dict) -> None:
+    """Record what this run computes in `--output_dir/run_signature.json` (main process only), so that a later run in
+    the same folder resumes only when it is the same run."""
+    if training_args.should_save:
+        atomic_write_text(os.path.join(training_args.output_dir, RUN_SIGNATURE_FILE),
+                          json.dumps(_normalise_signature(signature), indent=2, sort_keys=True))
 
 
 def default_text_encoder_path() -> str | None:
