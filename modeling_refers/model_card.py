@@ -5,7 +5,11 @@ metric for the mean AUC and one per class); the Markdown body renders the same n
 
 `results.json` schema (written by `examples/run_finetune.py`):
 `{"dataset": str, "label_names": [str], "per_class_auc": {name: float | null}, "mean_auc": float | null,
-"label_ratio": float, "seed": int, "init": str, "config": {...}, "label_ids_path": str | null}`.
+"label_ratio": float, "seed": int, "init": str, "config": {...}, "label_ids_path": str | null}`, and optionally
+`"init_from"` (the starting checkpoint's name), `"data"` (what was used: `test_set` text, `folder`, `used_images`,
+`test_image_size`, ...) and `"training"` (`global_step`, `epochs`, batch size, learning rate, `max_grad_norm`, ...).
+
+The card never shows a local absolute path: a path value is shown by its last component.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,8 @@ DATASET_DISPLAY_NAMES = {
     "vinbigdata": "VinBigData Chest X-ray",
     "shenzhen_tb": "Shenzhen Tuberculosis",
     "covid19_collection": "COVID-19 Image Data Collection",
+    "covid19": "COVID-19 Image Data Collection (COVID-19 vs other)",
+    "covid19_viral_bacterial": "COVID-19 Image Data Collection (viral vs bacterial)",
 }
 
 REFERS_CITATION = """\
@@ -63,6 +70,21 @@ _PRETRAINING_DATA = (
     "decoder reconstructs the report from the fused views) and by study-report contrastive learning against a "
     "BERT report encoder."
 )
+
+
+OPTIONAL_KEYS = {"init_from": (str, type(None)), "data": (dict, type(None)), "training": (dict, type(None))}
+
+
+def _is_local_path(value) -> bool:
+    return isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")
+                                       or bool(re.match(r"^[A-Za-z]:[\\/]", value)))
+
+
+def _public(value):
+    """A value fit for a public card: a local absolute path becomes its last component."""
+    if _is_local_path(value):
+        return os.path.basename(os.path.normpath(os.path.expanduser(value))) or value
+    return value
 
 
 def _check_results(results: Mapping[str, Any], where: str) -> dict:
@@ -103,6 +125,9 @@ def _check_results(results: Mapping[str, Any], where: str) -> dict:
             )
     if not 0.0 < results["label_ratio"] <= 1.0:
         raise ValueError(f"{where}['label_ratio'] must be in (0, 1], got {results['label_ratio']}")
+    for key, kind in OPTIONAL_KEYS.items():
+        if key in results and not isinstance(results[key], kind):
+            raise ValueError(f"{where}['{key}'] has type {type(results[key]).__name__}, expected {kind}")
     return dict(results)
 
 
@@ -139,7 +164,7 @@ def _eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
             task_type=pipeline_tag,
             task_name="Multi-label image classification" if len(r["label_names"]) > 2 else "Image classification",
             dataset_type=r["dataset"],
-            dataset_name=dataset_display_name(r["dataset"]),
+            dataset_name=_test_set_name(r),
             dataset_split="test",
             metric_type="roc_auc",
         )
@@ -149,6 +174,35 @@ def _eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
             if auc is not None:
                 evals.append(EvalResult(**common, metric_name=f"AUC ({name})", metric_value=float(auc)))
     return evals
+
+
+def _test_set_name(r: dict) -> str:
+    """The evaluation set as what it is (e.g. "NIH ChestX-ray14, folder `nih_chestxray14_sample` (a 1,000-image
+    subset ...), 64x64 px: test split of 181 images"), or the data set's name when the results do not say."""
+    data = r.get("data") or {}
+    return str(data.get("test_set") or dataset_display_name(r["dataset"])).replace("`", "")
+
+
+def _init_text(r: dict) -> str:
+    name = _public(r.get("init_from"))
+    init = _public(r["init"])
+    return f"`{init}` checkpoint `{name}`" if name else f"`{init}`"
+
+
+def _training_text(training: dict) -> str | None:
+    if not training or training.get("global_step") is None:
+        return None
+    batch = training.get("per_device_train_batch_size")
+    world = training.get("world_size") or 1
+    accumulation = training.get("gradient_accumulation_steps") or 1
+    text = f"{training['global_step']} optimiser steps"
+    if training.get("epochs") is not None:
+        text += f" ({training['epochs']:g} epochs)"
+    if batch:
+        text += f" at batch {batch * world * accumulation}"
+    if training.get("best_step") is not None:
+        text += f"; the kept checkpoint is the one of step {training['best_step']}"
+    return text
 
 
 def _pct(ratio: float) -> str:
@@ -168,22 +222,35 @@ def _results_section(results: list[dict]) -> str:
     )
     for r in results:
         lines += ["", f"### {dataset_display_name(r['dataset'])}", ""]
+        data = r.get("data") or {}
+        if data.get("test_set"):
+            lines.append(f"- evaluated on: {data['test_set']}")
+        used = data.get("used_images") or {}
+        train_images = used.get("train", r.get("num_train_images"))
         lines += [
-            f"- label ratio: {_pct(r['label_ratio'])} of the training labels",
-            f"- initialisation: `{r['init']}`",
+            f"- label ratio: {_pct(r['label_ratio'])} of the training labels"
+            + (f" ({train_images} labelled training images)" if train_images is not None else ""),
+            f"- initialisation: {_init_text(r)}",
             f"- seed: {r['seed']}",
         ]
+        if used.get("validation") is not None:
+            lines.append(f"- validation images (checkpoint selection): {used['validation']}")
+        trained = _training_text(r.get("training") or {})
+        if trained:
+            lines.append(f"- trained for {trained}")
         if r["label_ids_path"]:
-            lines.append(f"- training label ids: `{r['label_ids_path']}`")
+            lines.append(f"- training label ids: `{_public(r['label_ids_path'])}`")
         lines += ["", "| Class | AUC |", "|---|---|"]
         lines += [f"| {name} | {_fmt_auc(auc)} |" for name, auc in r["per_class_auc"].items()]
         lines.append(f"| **Mean** | **{_fmt_auc(r['mean_auc'])}** |")
-        scalars = {k: v for k, v in sorted(r["config"].items()) if isinstance(v, (str, int, float, bool)) or v is None}
-        if scalars:
-            lines += ["", "<details><summary>Fine-tuning configuration</summary>", ""]
-            lines += ["| Setting | Value |", "|---|---|"]
-            lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in scalars.items()]
-            lines += ["", "</details>"]
+        for title, table in (("Training settings", r.get("training") or {}), ("Configuration", r["config"])):
+            scalars = {k: _public(v) for k, v in sorted(table.items())
+                       if (isinstance(v, (str, int, float, bool)) or v is None) and not k.startswith("_")}
+            if scalars:
+                lines += ["", f"<details><summary>{title}</summary>", ""]
+                lines += ["| Setting | Value |", "|---|---|"]
+                lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in scalars.items()]
+                lines += ["", "</details>"]
     return "\n".join(lines)
 
 
@@ -193,8 +260,8 @@ def _body(
     fine_tuned = bool(results)
     out = [f"# {model_name}", ""]
     if fine_tuned:
-        datasets_text = ", ".join(dataset_display_name(r["dataset"]) for r in results)
-        inits = ", ".join(dict.fromkeys(f"`{r['init']}`" for r in results))
+        datasets_text = ", ".join(_test_set_name(r) for r in results)
+        inits = ", ".join(dict.fromkeys(_init_text(r) for r in results))
         out.append(
             f"A radiograph transformer (ViT, REFERS architecture) fine-tuned for chest X-ray classification on "
             f"{datasets_text}, initialised from {inits}."
@@ -253,10 +320,18 @@ def _body(
         out.append(training_data)
     elif fine_tuned:
         for r in results:
+            data = r.get("data") or {}
+            used = data.get("used_images") or {}
+            where = dataset_display_name(r["dataset"])
+            if data.get("folder"):
+                where += f", folder `{_public(data['folder'])}`"
+            count = f" ({used['train']} images)" if used.get("train") is not None else ""
+            trained = _training_text(r.get("training") or {})
             out.append(
-                f"- {dataset_display_name(r['dataset'])} (`{r['dataset']}`): {_pct(r['label_ratio'])} of the training "
-                f"split's labels (seed {r['seed']}), initialised from `{r['init']}`; the checkpoint with the best "
-                "validation mean AUC is kept and evaluated once on the test split."
+                f"- {where} (`{r['dataset']}`): {_pct(r['label_ratio'])} of the training split's labels{count} "
+                f"(seed {r['seed']}), initialised from {_init_text(r)}"
+                + (f", trained for {trained}" if trained else "")
+                + "; the checkpoint with the best validation mean AUC is kept and evaluated once on the test split."
             )
     else:
         out.append(_PRETRAINING_DATA)
@@ -301,7 +376,8 @@ def make_model_card(
         results: one `results.json` dict (fine-tuned model), a list of them (one per test set), or None
             (pretrained model: no model-index).
         model_name: card title and model-index name.
-        base_model: Hub id(s) of the model this one was fine-tuned from.
+        base_model: Hub id(s) of the model this one was fine-tuned from (a local folder is left out: name it through
+            the results' `init_from`).
         datasets: Hub dataset ids used for training (YAML `datasets`).
         license, tags: YAML metadata; the REFERS tags are always included.
         pipeline_tag: defaults to "image-classification" with results and "feature-extraction" without.
@@ -316,6 +392,10 @@ def make_model_card(
         ValueError: a results dict that does not follow the `results.json` schema (names the field).
     """
     checked = _normalize_results(results)
+    if base_model is not None:  # a local folder is not a Hub id: keep it out of the metadata and links
+        bases = [b for b in ([base_model] if isinstance(base_model, str) else base_model)
+                 if not _is_local_path(b) and not os.path.isdir(b)]
+        base_model = (bases[0] if isinstance(base_model, str) else bases) if bases else None
     if not model_name or not isinstance(model_name, str):
         raise ValueError("`model_name` must be a non-empty string")
     if pipeline_tag is None:
