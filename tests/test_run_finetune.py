@@ -207,3 +207,238 @@ def test_metric_agrees_with_sklearn_on_logits_and_probabilities():
     scores = run_finetune.scores_from_logits(logits, "multi_label_classification")
     from sklearn.metrics import roc_auc_score
     assert math.isclose(multilabel_auc(labels, scores)["mean_auc"], roc_auc_score(labels, logits, average="macro"))
+
+
+# ---------------------------------------------------------------------------------------------- trust: best checkpoint
+def _eval_log(checkpoint_dir: Path) -> list[dict]:
+    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "eval_mean_auc" in entry]
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_the_checkpoint_with_the_highest_validation_auc_is_kept_and_tested(tmp_path, nih_dir):
+    """5 steps, evaluated and saved at each. With this seed the eval loss falls every step (lowest = last = step 5)
+    while the validation mean AUC peaks earlier, so keeping the last or the lowest-loss checkpoint, or ranking AUC
+    the wrong way, or not restoring the best one, all give other numbers than those asserted here."""
+    from safetensors.torch import load_file
+
+    def run(seed):
+        out = tmp_path / f"best-{seed}"
+        results = run_finetune.main([
+            "--output_dir", str(out), "--data_dir", nih_dir, "--config_overrides", TINY, "--max_steps", "5",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_eval_samples", "64",
+            "--max_predict_samples", "32", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy",
+            "steps", "--save_steps", "1", "--use_cpu", "--dataloader_pin_memory", "false", "--seed", str(seed),
+            "--learning_rate", "0.1", "--warmup_steps", "0", "--do_train", "--do_predict"])
+        return out, results, _eval_log(_checkpoints(out)[-1])
+
+    # A run that discriminates: the best-AUC step is neither the last, nor the lowest-loss, nor the worst-AUC one
+    # (seed 3 on ../shared/data, 2 on sample_data/; the next seeds in case a library changes the numbers).
+    for seed in (3, 2, 0, 4, 1):
+        out, results, log = run(seed)
+        assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
+        best = max(log, key=lambda e: e["eval_mean_auc"])
+        lowest_loss = min(log, key=lambda e: e["eval_loss"])
+        worst = min(log, key=lambda e: e["eval_mean_auc"])
+        if best["step"] not in (5, lowest_loss["step"], worst["step"]):
+            break
+    else:
+        pytest.fail(f"no seed gave a run whose best-AUC step is not the last / lowest-loss one: {log}")
+
+    assert results["best_checkpoint"] and Path(results["best_checkpoint"]).name == f"checkpoint-{best['step']}"
+    assert results["training"]["best_step"] == best["step"] and results["training"]["global_step"] == 5
+    # The validation AUC reported is the re-evaluated restored model's, and equals the best logged one.
+    assert math.isclose(results["validation_mean_auc"], best["eval_mean_auc"], rel_tol=1e-9)
+    assert math.isclose(results["validation_mean_auc"], max(e["eval_mean_auc"] for e in log), rel_tol=1e-9)
+
+    # The saved model is the best checkpoint's weights, not the last one's.
+    saved = load_file(out / "model.safetensors")
+    kept = load_file(out / f"checkpoint-{best['step']}" / "model.safetensors")
+    last = load_file(out / "checkpoint-5" / "model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+
+    # The test predictions are the best checkpoint's: recompute them from that folder.
+    from modeling_refers import RefersImageProcessor
+
+    model = RefersForImageClassification.from_pretrained(out / f"checkpoint-{best['step']}").eval()
+    processor = RefersImageProcessor.from_pretrained(out)
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    images_dir = Path(nih_dir) / "images"
+    images = []
+    for row in rows:
+        with Image.open(images_dir / row["image_id"]) as image:
+            images.append(image.copy())
+    with torch.no_grad():
+        expected = model(**processor(images, return_tensors="pt")).logits.sigmoid().numpy()
+    written = np.array([[float(r[f"score_{n}"]) for n in results["label_names"]] for r in rows])
+    np.testing.assert_allclose(written, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- trust: defaults
+def test_gradient_clipping_is_set_explicitly_to_the_official_codes_10(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((run_finetune.ModelArguments, run_finetune.DataArguments,
+                               run_finetune.FinetuningArguments))
+    *_, training_args = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path / "o")])
+    assert training_args.max_grad_norm == 10.0  # the Trainer's own default is 1.0
+    field = run_finetune.FinetuningArguments.__dataclass_fields__["max_grad_norm"]
+    assert "official REFERS code" in field.metadata["help"] and "paper does not say" in field.metadata["help"]
+    *_, training_args = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path / "o"),
+                                                                 "--max_grad_norm", "1"])
+    assert training_args.max_grad_norm == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- trust: inputs first
+def _listing(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} \
+        if path.exists() else None
+
+
+def test_a_missing_model_folder_is_named_and_nothing_is_written(tmp_path, nih_dir):
+    out = tmp_path / "out"
+    missing = tmp_path / "no" / "such" / "pretrain"
+    with pytest.raises(FileNotFoundError, match=rf"--model_name_or_path '{missing}': no such folder"):
+        run_finetune.main(["--output_dir", str(out), "--data_dir", nih_dir, "--model_name_or_path", str(missing),
+                           "--do_train", *FAST])
+    assert not out.exists()
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"--model_name_or_path '{empty}' is a folder without config.json"):
+        run_finetune.main(["--output_dir", str(out), "--data_dir", nih_dir, "--model_name_or_path", str(empty),
+                           "--do_train", *FAST])
+    assert not out.exists()
+
+
+def test_bad_calls_leave_no_file_behind(tmp_path, nih_dir):
+    out = tmp_path / "out"
+    base = ["--output_dir", str(out), "--config_overrides", TINY, "--do_train", *FAST]
+    bad_calls = [
+        (["--data_dir", nih_dir, "--label_ratio", "0"], ValueError, r"--label_ratio must be in \(0, 1\]"),
+        (["--data_dir", nih_dir, "--dataset_name", "chexpert"], ValueError, "unknown --dataset_name"),
+        (["--data_dir", str(tmp_path / "nowhere")], FileNotFoundError, "--data_dir .*nowhere.*: no such folder"),
+        (["--data_dir", str(tmp_path)], FileNotFoundError, "Data_Entry_2017.csv"),
+        (["--data_dir", nih_dir, "--timm_weights", str(tmp_path / "vit.pth")], FileNotFoundError,
+         "--timm_weights .*vit.pth.*: no such file"),
+        (["--data_dir", nih_dir, "--label_ids_path", str(tmp_path / "ids.json")], FileNotFoundError, "ids.json"),
+    ]
+    for extra, error, match in bad_calls:
+        with pytest.raises(error, match=match):
+            run_finetune.main(base + extra)
+        assert not out.exists(), extra
+    # An existing folder is left exactly as it was.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra, error, match in bad_calls:
+        with pytest.raises(error, match=match):
+            run_finetune.main(base + extra)
+        assert _listing(out) == {"notes.txt": b"mine"}, extra
+
+
+# ---------------------------------------------------------------------------------------------- trust: resume
+def test_resume_only_the_same_run_and_start_fresh(tmp_path, nih_dir, tiny_refers_checkpoint, monkeypatch):
+    resumed_from = []
+    original_train = run_finetune.RefersTrainer.train
+
+    def spy(self, *args, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(run_finetune.RefersTrainer, "train", spy)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--data_dir", nih_dir, "--model_name_or_path", tiny_refers_checkpoint,
+            "--label_ratio", "0.5", "--seed", "1", "--do_train", *FAST]
+    first_results = run_finetune.main(argv)
+    assert resumed_from == [None]
+    signature = json.loads((out / "run_signature.json").read_text())
+    assert signature["label_ratio"] == 0.5 and signature["seed"] == 1
+    assert signature["data_dir"] == str(Path(nih_dir).absolute()) and signature["max_grad_norm"] == 10.0
+    before = _listing(out)
+
+    # Another ratio, seed, data set folder or starting point: refused, naming the field, and nothing changes.
+    other_model = tmp_path / "other-pretrained"
+    RefersForPreTraining.from_pretrained(tiny_refers_checkpoint).save_pretrained(other_model)
+    sample_nih = str(Path(__file__).resolve().parents[1] / "sample_data" / "nih_chestxray14_sample")
+    changes = [(["--label_ratio", "1.0"], r"label_ratio: saved 0\.5, now 1\.0"),
+               (["--seed", "2"], r"seed: saved 1, now 2"),
+               (["--learning_rate", "0.01"], r"learning_rate: saved 0\.003, now 0\.01"),
+               (["--model_name_or_path", str(other_model)], r"model_name_or_path: saved"),
+               (["--config_overrides", TINY, "--model_name_or_path", ""], r"init: saved 'refers', now 'random'")]
+    if Path(sample_nih).resolve() != Path(nih_dir).resolve():
+        changes.append((["--data_dir", sample_nih], r"data_dir: saved"))
+    for change, match in changes:
+        with pytest.raises(ValueError, match=match):
+            run_finetune.main(argv + change)
+        assert _listing(out) == before, change
+    assert resumed_from == [None]
+
+    # The same settings after an interruption (last checkpoint lost): resumes the checkpoint that is left.
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-2")
+    again = run_finetune.main(argv)
+    assert resumed_from == [None, str(out / "checkpoint-1")]
+    assert again["training"]["global_step"] == 2 and again["num_train_images"] == first_results["num_train_images"]
+
+    # --start_fresh: the old checkpoints go, the new run starts from step 0 with its own settings.
+    fresh = run_finetune.main(argv + ["--label_ratio", "1.0", "--start_fresh"])
+    assert resumed_from[-1] is None and fresh["label_ratio"] == 1.0
+    assert json.loads((out / "run_signature.json").read_text())["label_ratio"] == 1.0
+    ids = json.loads((out / "label_ids.json").read_text())
+    assert len(ids["ids"]) == fresh["num_train_images"] > first_results["num_train_images"]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_mean_auc" in e] == [1, 2]
+
+    # A folder with checkpoints but no signature (written by an older version) is not resumed blindly.
+    (out / "run_signature.json").unlink()
+    with pytest.raises(ValueError, match="no run_signature.json"):
+        run_finetune.main(argv + ["--label_ratio", "1.0"])
+
+
+# ---------------------------------------------------------------------------------------------- trust: model card
+def test_the_model_card_of_a_real_run_tells_the_truth(tmp_path, nih_dir, tiny_refers_checkpoint):
+    from datasets_scripts import load_target_dataset
+
+    out = tmp_path / "card-run"
+    fast = [a for a in FAST]
+    i = fast.index("--max_predict_samples")
+    del fast[i:i + 2]  # the whole test split
+    results = run_finetune.main(["--output_dir", str(out), "--data_dir", nih_dir, "--model_name_or_path",
+                                 tiny_refers_checkpoint, "--max_steps", "3", "--do_train", *fast[2:]])
+    text = (out / "README.md").read_text()
+
+    # The evaluation set, derived independently from the data folder used.
+    test_split = load_target_dataset("nih_chestxray14", nih_dir)["test"]
+    sizes = set()
+    for image_id in test_split["image_id"]:
+        with Image.open(Path(nih_dir) / "images" / image_id) as image:
+            sizes.add(image.size)
+    (width, height), = sizes
+    total = sum(len(load_target_dataset("nih_chestxray14", nih_dir)[s]) for s in ("train", "validation", "test"))
+    evaluated = (f"NIH ChestX-ray14, folder `{Path(nih_dir).name}` (a {total:,}-image subset of the 112,120-image "
+                 f"release), {width}x{height} px: test split of {len(test_split)} images")
+    assert f"- evaluated on: {evaluated}" in text
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == evaluated.replace("`", "")
+
+    # The real number of steps and epochs, and the kept checkpoint.
+    n_train = results["num_train_images"]
+    epochs = round(3 / math.ceil(n_train / 8), 4)  # the Trainer's epochs: steps over batches per epoch
+    assert f"trained for 3 optimiser steps ({epochs:g} epochs) at batch 8" in text
+    assert f"the kept checkpoint is the one of step {results['training']['best_step']}" in text
+    assert f"({n_train} labelled training images)" in text
+
+    # The starting checkpoint by name; no local absolute path anywhere.
+    name = Path(tiny_refers_checkpoint).name
+    assert f"initialisation: `refers` checkpoint `{name}`" in text
+    for local in (str(tmp_path), tiny_refers_checkpoint, nih_dir, str(Path(nih_dir).parent), "/tmp/", "/home/"):
+        assert local not in text, local
+    import re
+
+    assert not re.search(r"(^|[\s`'\"(\[|:])/[\w.-]+/", text.replace("https://", "")), "absolute path in the card"
+    assert "base_model" not in metadata  # a local folder is not a Hub id
