@@ -114,7 +114,10 @@ def test_label_efficiency_grid_table_csv_plot_and_resume(tmp_path, nih_dir, tiny
         table = list(csv.DictReader(handle))
     assert len(table) == 2 and set(table[0]) == set(run_label_efficiency.COLUMNS)
     markdown = (out / "label_efficiency.md").read_text()
-    assert "| refers | 1 | 2 |" in markdown and "| random | 1 | 2 |" in markdown
+    arch = "ViT 32px/8, width 32, 2 layers, 4 heads, MLP 64, recurrent_concat, 3 views"  # the tiny checkpoint's
+    n_train = json.loads((out / "random" / "ratio-1" / "seed-0" / "results.json").read_text())["num_train_images"]
+    assert f"| refers | {arch} | 1 | {n_train} | 64 | 2 |" in markdown
+    assert f"| random | {arch} | 1 | {n_train} | 64 | 2 |" in markdown
     with Image.open(out / "label_efficiency.png") as image:
         assert image.format == "PNG" and image.size[0] > 100
 
