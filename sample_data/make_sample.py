@@ -9,17 +9,26 @@ Selection (see README.md here):
 - nih_chestxray14_sample: every image of the first 70 patients (by Patient ID) with an image in the
   1,000-image subset's train_val_list.txt and of the first 25 with an image in its test_list.txt, with
   their Data_Entry_2017.csv rows and lines of train_val_list.txt / test_list.txt.
-- splits/: the lines of the REFERS split lists that name a selected image, unchanged.
-- ATTRIBUTION.md: the licence, DOI and URL of every COVID-19 collection image.
+- iu_xray: the first 600 Open-i report XMLs of NLMCXR_reports.tgz (archive order), bytes and tar headers
+  unchanged (the original tar stream up to the 601st report, then the end marker), in a new NLMCXR_reports.tgz; the nlmcxr_dicom_metadata.csv.gz rows of the images they name.
+- splits/: the lines of the REFERS split lists that name a selected image, unchanged; the Shenzhen lists
+  complete (no Shenzhen images here); the first 10 lines of each VinBigData list (no VinBigData images here).
+- ATTRIBUTION.md: the licence, DOI and URL of every COVID-19 collection image; the Open-i source.
 Only the standard library is used. Output is built in a temporary folder, then moved into place.
+The two .gz files are written with a zero timestamp and no file name, so the bytes depend only on the
+input and on the zlib build (the sample test compares them after decompression).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
+import io
 import os
+import re
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -27,9 +36,11 @@ HERE = Path(__file__).resolve().parent
 NIH_TRAIN_VAL_PATIENTS = 70
 NIH_TEST_PATIENTS = 25
 MIN_NOTE_WORDS = 3
+OPEN_I_REPORTS = 600
+VINBIGDATA_LINES = 10
 REDISTRIBUTABLE = ("CC BY", "CC BY 2.0", "CC BY 3.0", "CC BY 4.0", "CC BY-SA", "CC BY-SA 4.0", "CC BY-NC-SA",
                    "CC BY-NC-SA 4.0")
-MANAGED = ("covid19_collection", "nih_chestxray14_sample", "splits", "ATTRIBUTION.md")
+MANAGED = ("covid19_collection", "nih_chestxray14_sample", "iu_xray", "splits", "ATTRIBUTION.md")
 
 
 def default_shared_data() -> Path:
@@ -106,6 +117,60 @@ def select_nih(shared: Path, out: Path) -> None:
                      out / "splits" / "nih_chestxray14" / f"{name}.txt", names)
 
 
+def _gzip_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+        gz.write(data)
+
+
+def select_iu_xray(shared: Path, out: Path) -> None:
+    """The first OPEN_I_REPORTS report XMLs (and the folder entry before them), and the DICOM metadata rows
+    (in their order) of the images those reports name (parentImage ids). The tar stream is the original's
+    first bytes, up to the header of the next report, then the end-of-archive marker (two zero blocks):
+    every header and file byte is unchanged."""
+    source = shared / "iu_xray"
+    (out / "iu_xray").mkdir(parents=True)
+    with gzip.open(source / "NLMCXR_reports.tgz", "rb") as handle:
+        stream = handle.read()
+    image_ids: set[str] = set()
+    reports, cut = 0, None
+    with tarfile.open(fileobj=io.BytesIO(stream), mode="r:") as archive:
+        for member in archive:
+            if not (member.isfile() and member.name.endswith(".xml")):
+                continue
+            if reports == OPEN_I_REPORTS:
+                cut = member.offset
+                break
+            reports += 1
+            for image_id in re.findall(r'<parentImage id="([^"]+)"', archive.extractfile(member).read().decode("utf-8")):
+                # the table names some images without the report's extra "_<n>_" (CXR1_1_IM-... vs
+                # CXR1_IM-...); datasets_scripts.iu_xray matches both, so keep both
+                image_ids.update({image_id, re.sub(r"^(CXR\d+)_\d+_", r"\1_", image_id)})
+    if cut is None:
+        raise SystemExit(f"{source / 'NLMCXR_reports.tgz'}: fewer than {OPEN_I_REPORTS + 1} reports")
+    _gzip_bytes(out / "iu_xray" / "NLMCXR_reports.tgz", stream[:cut] + bytes(2 * tarfile.BLOCKSIZE))
+    with gzip.open(source / "nlmcxr_dicom_metadata.csv.gz", "rt", encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = [r for r in reader if r[header.index("imageid")] in image_ids]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    _gzip_bytes(out / "iu_xray" / "nlmcxr_dicom_metadata.csv.gz", text.getvalue().encode("utf-8"))
+
+
+def copy_other_split_lists(shared: Path, out: Path) -> None:
+    """Split lists of the data sets without images here: Shenzhen complete, VinBigData's first lines."""
+    (out / "splits" / "shenzhen_tb").mkdir(parents=True)
+    for name in ("train", "valid", "test"):
+        shutil.copyfile(shared / "splits" / "shenzhen_tb" / f"{name}.txt", out / "splits" / "shenzhen_tb" / f"{name}.txt")
+    (out / "splits" / "vinbigdata").mkdir(parents=True)
+    for name in ("train", "val", "test"):
+        with open(shared / "splits" / "vinbigdata" / f"{name}.txt", encoding="utf-8", newline="") as handle:
+            lines = [next(handle) for _ in range(VINBIGDATA_LINES)]
+        (out / "splits" / "vinbigdata" / f"{name}.txt").write_text("".join(lines), encoding="utf-8", newline="")
+
+
 def write_attribution(out: Path, covid_rows: list[dict[str, str]]) -> None:
     lines = [
         "# Attribution of the sample images",
@@ -132,11 +197,22 @@ def write_attribution(out: Path, covid_rows: list[dict[str, str]]) -> None:
         "Chest X-ray Database and Benchmarks on Weakly-Supervised Classification and Localization of Common",
         "Thorax Diseases. CVPR 2017. We acknowledge the NIH Clinical Center for providing the data.",
         "",
+        "## Open-i Indiana University chest X-ray reports (`iu_xray/`)",
+        "",
+        "Demner-Fushman D, Kohli MD, Rosenman MB, Shooshan SE, Rodriguez L, Antani S, Thoma GR, McDonald CJ.",
+        "Preparing a collection of radiology examinations for distribution and retrieval. J Am Med Inform",
+        "Assoc 23(2):304-310, 2016. Source: National Library of Medicine, Open-i (https://openi.nlm.nih.gov/),",
+        f"`NLMCXR_reports.tgz`: the first {OPEN_I_REPORTS} report XMLs (archive order), unchanged, and the rows of",
+        "the DICOM metadata table for the images they name. Licence: CC BY-NC-ND 4.0",
+        "(https://creativecommons.org/licenses/by-nc-nd/4.0/): NonCommercial use only, no derivatives.",
+        "",
         "## Split lists (`splits/`)",
         "",
         "Lines of the split lists published with REFERS (Zhou HY et al., Generalized radiograph representation",
         "learning via cross-supervision between images and free-text radiology reports, Nature Machine",
-        "Intelligence 4, 32-40, 2022; https://github.com/funnyzhou/REFERS), unchanged, for the images above.",
+        "Intelligence 4, 32-40, 2022; https://github.com/funnyzhou/REFERS), unchanged: for the images above",
+        f"(`covid19_collection/`, `nih_chestxray14/`), complete (`shenzhen_tb/`), and the first {VINBIGDATA_LINES} lines",
+        "of each list (`vinbigdata/`).",
         "",
     ]
     (out / "ATTRIBUTION.md").write_text("\n".join(lines), encoding="utf-8")
@@ -148,6 +224,8 @@ def make_sample(shared: Path, out: Path) -> None:
         build = Path(tmp)
         covid_rows = select_covid(shared, build)
         select_nih(shared, build)
+        select_iu_xray(shared, build)
+        copy_other_split_lists(shared, build)
         write_attribution(build, covid_rows)
         for name in MANAGED:
             target = out / name

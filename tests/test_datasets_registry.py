@@ -3,7 +3,9 @@
 import csv
 import dataclasses
 import filecmp
+import gzip
 import importlib.util
+import tarfile
 import warnings
 
 import pytest
@@ -38,7 +40,7 @@ def test_target_specs():
     assert sorted(SOURCE_DATASETS) == ["covid19_studies", "iu_xray", "mimic_cxr", "study_folder"]
 
 
-def test_default_split_dirs_exist_in_shared_data(shared_data_dir):
+def test_default_split_dirs_exist_in_shared_data(shared_data_dir):  # ../shared/data, else sample_data/
     for spec in TARGET_DATASETS.values():
         assert (shared_data_dir / "splits" / spec.default_split_dir).is_dir(), spec.name
 
@@ -73,6 +75,10 @@ def test_sample_is_small_and_licensed():
     assert all(f"| {r['filename']} | {r['patientid']} | {r['license']} |" in attribution for r in rows)
     for name in ("README.md", "LICENSE", "make_sample.py"):
         assert (SAMPLE_DATA_DIR / name).is_file()
+    licence = (SAMPLE_DATA_DIR / "LICENSE").read_text()
+    for folder in {p.relative_to(SAMPLE_DATA_DIR).parts[0] for p in _files(SAMPLE_DATA_DIR)} - {"README.md", "LICENSE", "make_sample.py", "ATTRIBUTION.md"}:
+        assert f"{folder}/" in licence and f"`{folder}/`" in attribution, folder  # every folder's terms and source
+    assert "CC BY-NC-ND 4.0" in licence and "CC BY-NC-ND 4.0" in attribution  # the Open-i reports' licence
 
 
 def test_loaders_run_on_the_sample():
@@ -95,20 +101,61 @@ def test_loaders_run_on_the_sample():
     assert len(study["images"]) == len(study["view_positions"]) and len(study["report"].split()) >= 3
 
 
-def test_make_sample_reproduces_the_sample(shared_data_dir, tmp_path):
+def _make_sample_module():
     spec = importlib.util.spec_from_file_location("make_sample", SAMPLE_DATA_DIR / "make_sample.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.make_sample(shared_data_dir, tmp_path)
+    return module
+
+
+# what make_sample.py reads from ../shared/data (the sample's source)
+SAMPLE_SOURCES = ("covid19_collection", "nih_chestxray14_sample", "iu_xray/NLMCXR_reports.tgz",
+                  "iu_xray/nlmcxr_dicom_metadata.csv.gz", "splits")
+
+
+def test_make_sample_reproduces_the_sample(need_shared_data, tmp_path):
+    shared = need_shared_data(*SAMPLE_SOURCES, why="rebuilding sample_data/ needs the data it is cut from")
+    module = _make_sample_module()
+    module.make_sample(shared, tmp_path)
     made = [p.relative_to(tmp_path) for p in _files(tmp_path)]
     shipped = [p.relative_to(SAMPLE_DATA_DIR) for p in _files(SAMPLE_DATA_DIR)
                if p.relative_to(SAMPLE_DATA_DIR).parts[0] in module.MANAGED]
     assert made == shipped
-    _, mismatch, errors = filecmp.cmpfiles(tmp_path, SAMPLE_DATA_DIR, [str(p) for p in made], shallow=False)
+    plain = [str(p) for p in made if p.suffix not in (".gz", ".tgz")]
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path, SAMPLE_DATA_DIR, plain, shallow=False)
     assert not mismatch and not errors
+    # gzip streams: the same content (compressed bytes may differ between zlib builds), no name, no time
+    for path in made:
+        if path.suffix in (".gz", ".tgz"):
+            assert gzip.decompress((tmp_path / path).read_bytes()) == gzip.decompress((SAMPLE_DATA_DIR / path).read_bytes()), path
+            header = (SAMPLE_DATA_DIR / path).read_bytes()[:10]
+            assert header[3] == 0 and header[4:8] == bytes(4), path  # FLG: no FNAME; MTIME 0
 
 
-def test_sample_rows_are_the_original_rows(shared_data_dir):
+def test_sample_report_archive_is_the_first_reports_unchanged(need_shared_data):
+    """iu_xray/: the first OPEN_I_REPORTS members of the Open-i archive, headers and bytes unchanged (the
+    reports are CC BY-NC-ND: shared in part, never modified); the DICOM metadata rows are original rows."""
+    shared = need_shared_data("iu_xray/NLMCXR_reports.tgz", "iu_xray/nlmcxr_dicom_metadata.csv.gz",
+                              why="comparing the sample's Open-i files with the originals")
+    module = _make_sample_module()
+    ours = gzip.decompress((SAMPLE_DATA_DIR / "iu_xray" / "NLMCXR_reports.tgz").read_bytes())
+    theirs = gzip.decompress((shared / "iu_xray" / "NLMCXR_reports.tgz").read_bytes())
+    # the original tar stream's first bytes, then the end-of-archive marker (two zero blocks)
+    assert ours[-2 * tarfile.BLOCKSIZE:] == bytes(2 * tarfile.BLOCKSIZE) and theirs.startswith(ours[:-2 * tarfile.BLOCKSIZE])
+    with tarfile.open(SAMPLE_DATA_DIR / "iu_xray" / "NLMCXR_reports.tgz") as sample:
+        assert sum(m.name.endswith(".xml") for m in sample.getmembers()) == module.OPEN_I_REPORTS
+
+    def rows(path):
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+            return [tuple(r) for r in csv.reader(handle)]
+
+    ours, theirs = rows(SAMPLE_DATA_DIR / "iu_xray" / "nlmcxr_dicom_metadata.csv.gz"), rows(shared / "iu_xray" / "nlmcxr_dicom_metadata.csv.gz")
+    assert ours[0] == theirs[0] and set(ours[1:]) <= set(theirs[1:])
+
+
+def test_sample_rows_are_the_original_rows(need_shared_data):
+    shared_data_dir = need_shared_data("covid19_collection/metadata.csv", "nih_chestxray14_sample/Data_Entry_2017.csv",
+                                       why="comparing the sample's table rows with the originals")
     def read(path):
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
