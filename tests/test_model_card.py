@@ -189,3 +189,32 @@ def test_card_pushes_to_the_hub_and_loads_back(local_hub):
     assert ("POST", "/api/validate-yaml") in local_hub.requests
     assert local_hub.file_bytes("org/refers-card", "README.md").decode() == str(card)
     assert ModelCard.load("org/refers-card").data.to_dict() == card.data.to_dict()
+
+
+def test_card_names_data_steps_and_start_and_shows_no_local_path(tmp_path):
+    results = _results(
+        init="refers", init_from="refers-vit-small", label_ids_path="/home/alice/runs/nih/label_ids.json",
+        config={"_name_or_path": "/home/alice/runs/pretrain", "image_size": 112, "note": "/srv/data/x"},
+        data={"test_set": "NIH ChestX-ray14, folder `nih_chestxray14_sample`, 64x64 px: test split of 181 images",
+              "folder": "nih_chestxray14_sample", "used_images": {"train": 73, "validation": 94, "test": 181}},
+        training={"global_step": 30, "epochs": 10.0, "per_device_train_batch_size": 32, "world_size": 1,
+                  "gradient_accumulation_steps": 1, "max_grad_norm": 10.0, "best_step": 24},
+    )
+    local_folder = tmp_path / "pretrain"
+    local_folder.mkdir()
+    card = make_model_card(results, model_name="m", base_model=str(local_folder))
+    text = str(card)
+    assert "- evaluated on: NIH ChestX-ray14, folder `nih_chestxray14_sample`, 64x64 px: test split of 181 images" in text
+    assert "(73 labelled training images)" in text
+    assert "trained for 30 optimiser steps (10 epochs) at batch 32; the kept checkpoint is the one of step 24" in text
+    assert "initialisation: `refers` checkpoint `refers-vit-small`" in text
+    assert "| max_grad_norm | `10.0` |" in text and "| image_size | `112` |" in text
+    assert "training label ids: `label_ids.json`" in text and "| note | `\"x\"` |" in text
+    for local in ("/home/alice", "/srv/data", str(tmp_path), "_name_or_path"):
+        assert local not in text, local
+    metadata = _front_matter(text)
+    assert "base_model" not in metadata  # a local folder is no Hub id
+    assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == (
+        "NIH ChestX-ray14, folder nih_chestxray14_sample, 64x64 px: test split of 181 images")
+    # A Hub id stays.
+    assert make_model_card(results, model_name="m", base_model="org/refers").data.base_model == "org/refers"
