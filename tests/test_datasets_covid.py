@@ -18,6 +18,13 @@ from datasets_scripts.covid19_collection import classify_finding
 VIRAL = {"COVID-19", "COVID-19, ARDS", "Varicella", "Influenza"}  # the snapshot's viral findings, by hand
 BACTERIAL = {"Streptococcus", "Klebsiella", "Mycoplasma Bacterial Pneumonia", "Legionella", "E.Coli", "Bacterial"}
 SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+# Counts of the data `shared_data_dir` holds, as documented in its README.md: ../shared/data/README.md
+# ("covid19_collection/") for the full snapshot, sample_data/README.md ("Counts") for the embedded subset.
+# The tests also compute each from metadata.csv and the split lists, independently of the loaders.
+COUNTS = {
+    "shared": {"images": 384, "labelled": 306, "listed": 369, "bacterial": 41, "studies": 232, "studies_by_date": 150},
+    "sample": {"images": 128, "labelled": 88, "listed": 123, "bacterial": 20, "studies": 68, "studies_by_date": 45},
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +67,19 @@ def _all(ds, column):
     return {s: list(ds[s][column]) for s in ds}
 
 
-def test_dedup_of_repeated_patients(table):
-    assert len(table) == 384  # README: 389 rows point to 384 distinct images
+@pytest.fixture(scope="module")
+def counts(data_source):
+    return COUNTS[data_source]
+
+
+def test_dedup_of_repeated_patients(table, counts):
+    assert len(table) == counts["images"]  # README: 389 rows -> 384 distinct images (sample: 130 -> 128)
     assert not {r["patientid"] for r in table} & {"339", "340"}
 
 
-def test_covid_task_labels_and_splits(covid_task, table, listed):
+def test_covid_task_labels_and_splits(covid_task, table, listed, counts):
     labelled = [r for r in table if r["finding"] != "todo"]
-    assert sum(len(d) for d in covid_task.values()) == len(labelled) == 306
+    assert sum(len(d) for d in covid_task.values()) == len(labelled) == counts["labelled"]  # images - "todo" rows
     assert covid_task["train"].features["labels"] == datasets.ClassLabel(names=["non-COVID-19", "COVID-19"])
     assert COVID_LABEL_NAMES == ("non-COVID-19", "COVID-19")
     by_file = {r["filename"]: r for r in labelled}
@@ -79,18 +91,20 @@ def test_covid_task_labels_and_splits(covid_task, table, listed):
             if r["original_filename"] in listed:
                 assert split == listed[r["original_filename"]]
     # every listed image of the snapshot keeps the paper's split; README: 275 + 22 + 72 list entries present
+    # (sample: its split lists hold only the 123 lines naming its images)
     n_listed = sum(r["original_filename"] in listed for r in table)
-    assert n_listed == 369
+    assert n_listed == counts["listed"]
 
 
-def test_viral_bacterial_task(covid_dir, table):
+def test_viral_bacterial_task(covid_dir, table, counts):
     ds = load_covid19_collection(covid_dir, task="viral_bacterial")
     expected = {r["filename"]: int(r["finding"] in VIRAL) for r in table if r["finding"] in VIRAL | BACTERIAL}
     got = {row["image_id"]: row["labels"] for s in ds for row in ds[s].select_columns(["image_id", "labels"])}
     assert got == expected
     assert ds["test"].features["labels"].names == list(VIRAL_BACTERIAL_LABEL_NAMES) == ["bacterial", "viral"]
     # README: bacterial 43 rows, two of which repeat patient 287's Legionella files under patient 340
-    assert sum(v == 0 for v in got.values()) == 41
+    # (sample: 22 bacterial rows, the same two repeated)
+    assert sum(v == 0 for v in got.values()) == counts["bacterial"]
 
 
 def test_splits_are_patient_level_and_shared_across_tasks(covid_task, studies, covid_dir):
@@ -101,7 +115,7 @@ def test_splits_are_patient_level_and_shared_across_tasks(covid_task, studies, c
                 assert split_of.setdefault(patient, split) == split
 
 
-def test_studies(studies, table):
+def test_studies(studies, table, counts):
     assert studies["train"].features["images"] == datasets.List(datasets.Image())
     rows = [r for s in studies for r in studies[s].select_columns(["study_id", "images", "view_positions", "report"])]
     # independent grouping by (patient, date, offset), notes de-duplicated, >= 3 tokens
@@ -109,7 +123,7 @@ def test_studies(studies, table):
     for r in table:
         groups.setdefault((r["patientid"], r["date"], r["offset"]), []).append(r)
     kept = [g for g in groups.values() if len(" ".join(dict.fromkeys(n["clinical_notes"].strip() for n in g if n["clinical_notes"].strip())).split()) >= 3]
-    assert len(rows) == len(kept) == 232
+    assert len(rows) == len(kept) == counts["studies"]
     assert sum(len(r["images"]) for r in rows) == sum(len(g) for g in kept)
     (study,) = [r for r in rows if r["study_id"] == "177_NA_0"]
     assert [p.filename.rsplit("/", 1)[-1] for p in study["images"]] == ["16663_1_1.jpg", "16663_1_2.jpg"]
@@ -123,9 +137,13 @@ def test_studies(studies, table):
     assert first["images"][0].mode == "L"
 
 
-def test_group_by_date_only(covid_dir):
+def test_group_by_date_only(covid_dir, table, counts):
     ds = load_covid19_studies(covid_dir, group_by=("patientid", "date"))
-    assert sum(len(d) for d in ds.values()) == 150
+    groups = {}
+    for r in table:
+        groups.setdefault((r["patientid"], r["date"]), []).append(r)
+    kept = [g for g in groups.values() if len(" ".join(dict.fromkeys(n["clinical_notes"].strip() for n in g if n["clinical_notes"].strip())).split()) >= 3]
+    assert sum(len(d) for d in ds.values()) == len(kept) == counts["studies_by_date"]
     with pytest.raises(ValueError, match="group_by"):
         load_covid19_studies(covid_dir, group_by=("date",))
 

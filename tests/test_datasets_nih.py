@@ -1,6 +1,7 @@
 """NIH ChestX-ray14 builder on the real 1,000-image sample: counts, labels, splits, label order, bad input."""
 
 import csv
+import math
 import shutil
 
 import numpy as np
@@ -23,6 +24,28 @@ def _split_list(path):
     return out
 
 
+# Counts of the data `shared_data_dir` holds, as documented in its README.md (../shared/data/README.md,
+# "nih_chestxray14_sample/"; sample_data/README.md, "Counts"); the tests also derive each from
+# Data_Entry_2017.csv and the REFERS split lists directly.
+COUNTS = {
+    "shared": {"splits": {"validation": 94, "test": 181, "train": 725}, "no_finding": 499, "listed": 275,
+               "agree_chexnet_order": 274, "agree_alphabetical": 136,  # the one difference: 00000150_002.png
+               "labels": {"Effusion": 170, "Infiltration": 162, "Atelectasis": 95, "Cardiomegaly": 83,
+                          "Consolidation": 42, "Pneumothorax": 40, "Nodule": 39, "Emphysema": 37, "Mass": 35,
+                          "Fibrosis": 32, "Edema": 31, "Pleural_Thickening": 29, "Pneumonia": 11, "Hernia": 9}},
+    "sample": {"splits": {"validation": 57, "test": 77, "train": 349}, "no_finding": 190, "listed": 134,
+               "agree_chexnet_order": 134, "agree_alphabetical": 60,  # 00000150_002.png is not in the sample
+               "labels": {"Infiltration": 120, "Effusion": 81, "Cardiomegaly": 58, "Atelectasis": 45, "Edema": 30,
+                          "Emphysema": 26, "Consolidation": 25, "Nodule": 22, "Pneumothorax": 21,
+                          "Pleural_Thickening": 20, "Fibrosis": 20, "Mass": 19, "Pneumonia": 9, "Hernia": 8}},
+}
+
+
+@pytest.fixture(scope="module")
+def counts(data_source):
+    return COUNTS[data_source]
+
+
 def _hand_labels(finding_labels, order):
     names = finding_labels.split("|")
     return np.array([1.0 if n in names else 0.0 for n in order], dtype=np.float32)
@@ -39,15 +62,15 @@ def refers(nih_dir):
         return load_nih_chestxray14(nih_dir)
 
 
-def test_refers_split_counts_membership_and_labels(refers, nih_dir, shared_data_dir):
+def test_refers_split_counts_membership_and_labels(refers, nih_dir, shared_data_dir, counts):
     val = _split_list(shared_data_dir / "splits/nih_chestxray14/val.txt")
     test = _split_list(shared_data_dir / "splits/nih_chestxray14/test.txt")
     rows = _data_entry(nih_dir / "Data_Entry_2017.csv")
     names = [r["Image Index"] for r in rows]
     expected = {"validation": {n for n in names if n in val}, "test": {n for n in names if n in test}}
     expected["train"] = set(names) - expected["validation"] - expected["test"]
-    # README: 94 of the val list and 181 of the test list are in the sample
-    assert {k: len(v) for k, v in expected.items()} == {"validation": 94, "test": 181, "train": 725}
+    # README: 94 of the val list and 181 of the test list are in the 1,000 images (sample_data: 57 and 77 of 483)
+    assert {k: len(v) for k, v in expected.items()} == counts["splits"]
     for split, ids in expected.items():
         assert set(refers[split]["image_id"]) == ids
     assert refers["train"].features["labels"] == datasets.List(datasets.Value("float32"), length=14)
@@ -60,13 +83,12 @@ def test_refers_split_counts_membership_and_labels(refers, nih_dir, shared_data_
             entry = by_name[row["image_id"]]
             np.testing.assert_array_equal(np.array(row["labels"], np.float32), _hand_labels(entry["Finding Labels"], NIH_LABEL_NAMES))
             assert row["patient_id"] == entry["Patient ID"]
-    # "No Finding" images are all-zero; counts per class equal the README's label counts
+    # "No Finding" images are all-zero; counts per class equal the table's and the README's label counts
     all_labels = np.concatenate([np.array(refers[s]["labels"]) for s in refers])
-    readme = {"Effusion": 170, "Infiltration": 162, "Atelectasis": 95, "Cardiomegaly": 83, "Consolidation": 42,
-              "Pneumothorax": 40, "Nodule": 39, "Emphysema": 37, "Mass": 35, "Fibrosis": 32, "Edema": 31,
-              "Pleural_Thickening": 29, "Pneumonia": 11, "Hernia": 9}
-    assert dict(zip(NIH_LABEL_NAMES, all_labels.sum(0).astype(int).tolist())) == readme
-    assert int((all_labels.sum(1) == 0).sum()) == 499
+    in_table = {name: sum(name in r["Finding Labels"].split("|") for r in rows) for name in NIH_LABEL_NAMES + ("No Finding",)}
+    assert dict(zip(NIH_LABEL_NAMES, all_labels.sum(0).astype(int).tolist())) == counts["labels"]
+    assert counts["labels"] == {k: v for k, v in in_table.items() if k != "No Finding"}
+    assert int((all_labels.sum(1) == 0).sum()) == in_table["No Finding"] == counts["no_finding"]
 
 
 def test_refers_split_is_patient_level_and_images_decode(refers):
@@ -79,18 +101,19 @@ def test_refers_split_is_patient_level_and_images_decode(refers):
     assert all(len(ds.cache_files) == 0 for ds in refers.values())  # in memory: nothing cached
 
 
-def test_split_file_columns_are_chexnet_order_not_alphabetical(nih_dir, shared_data_dir):
+def test_split_file_columns_are_chexnet_order_not_alphabetical(nih_dir, shared_data_dir, counts):
     """The REFERS lists' 14 columns follow NIH_SPLIT_FILE_LABEL_ORDER (CheXNet order), not NIH_LABEL_NAMES."""
     listed = {**_split_list(shared_data_dir / "splits/nih_chestxray14/val.txt"),
               **_split_list(shared_data_dir / "splits/nih_chestxray14/test.txt")}
     rows = [r for r in _data_entry(nih_dir / "Data_Entry_2017.csv") if r["Image Index"] in listed]
-    assert len(rows) == 275
+    assert len(rows) == counts["listed"] == sum(counts["splits"][s] for s in ("validation", "test"))
 
     def agree(order):
         return sum(np.array_equal(_hand_labels(r["Finding Labels"], order), listed[r["Image Index"]]) for r in rows)
 
-    assert agree(NIH_SPLIT_FILE_LABEL_ORDER) == 274  # the one difference: 00000150_002.png, relabelled in 2020
-    assert agree(NIH_LABEL_NAMES) == 136
+    assert agree(NIH_SPLIT_FILE_LABEL_ORDER) == counts["agree_chexnet_order"]  # 00000150_002.png: relabelled in 2020
+    assert agree(NIH_LABEL_NAMES) == counts["agree_alphabetical"]
+    assert counts["agree_alphabetical"] < counts["listed"] / 2
     assert sorted(NIH_SPLIT_FILE_LABEL_ORDER) == sorted(NIH_LABEL_NAMES) == list(NIH_LABEL_NAMES)
 
 
@@ -102,7 +125,10 @@ def test_official_split(nih_dir):
     assert set(ds["test"]["image_id"]) == test_names
     assert set(ds["train"]["image_id"]) | set(ds["validation"]["image_id"]) == train_val
     assert not set(ds["train"]["patient_id"]) & set(ds["validation"]["patient_id"])
-    assert 0.08 < len(ds["validation"]) / len(train_val) < 0.17
+    # patient-level cut of the train_val patients at floor(7/8 n + 0.5) (official_val_fraction 1/8); image
+    # shares follow the patients' image counts, so only the patient counts are exact
+    n = len(set(ds["train"]["patient_id"]) | set(ds["validation"]["patient_id"]))
+    assert len(set(ds["validation"]["patient_id"])) == n - math.floor(0.875 * n + 0.5)
     with pytest.raises(ValueError, match="split must be"):
         load_nih_chestxray14(nih_dir, split="random")
 
