@@ -6,7 +6,8 @@ same layout. Tests that need files only the full copy has ask `need_shared_data(
 skips with the exact files to provide. `data_source` says which of the two a test got, for the counts
 that differ (each documented in that folder's README.md).
 
-CI: with `REFERS_NO_SKIP=1` any skip is reported as a failure (see `pytest_runtest_makereport`).
+CI: with `REFERS_NO_SKIP=1` any skip is reported as a failure (see `pytest_runtest_makereport`); `.ci/run`
+sets it. (A run that collects no test already fails: pytest exits 5.)
 """
 
 import os
@@ -51,13 +52,6 @@ def pytest_make_collect_report(collector):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"{collector.nodeid} skipped at collection, but REFERS_NO_SKIP=1 does not allow skips: {reason}"
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """With REFERS_NO_SKIP=1, a run that collected no test fails (pytest's exit 5 already does; this also
-    covers `-k`/`-m` filters or deselection that leave nothing to run)."""
-    if NO_SKIP and session.testscollected == 0 and exitstatus == 0:
-        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
 
 
 # ------------------------------------------------------------------------------------------------- data
