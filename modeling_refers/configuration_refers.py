@@ -9,6 +9,37 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 AGGREGATION_MODES = ("recurrent_concat", "cls_add", "none")
+
+# The official code's report decoder: one post-norm layer, width 1024, 16 heads, FFN 4096, GELU, dropout 0.1,
+# 100 tokens, causal self-attention + cross-attention to the study tokens.
+DEFAULT_DECODER_CONFIG = dict(
+    hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=100, is_decoder=True,
+    add_cross_attention=True,
+)
+
+# Flat names of the report decoder's fields (kept for `config_overrides` strings): name -> `decoder_config` field(s).
+DECODER_ALIASES = {
+    "decoder_vocab_size": ("vocab_size",),
+    "decoder_hidden_size": ("hidden_size",),
+    "decoder_num_hidden_layers": ("num_hidden_layers",),
+    "decoder_num_attention_heads": ("num_attention_heads",),
+    "decoder_intermediate_size": ("intermediate_size",),
+    "decoder_hidden_act": ("hidden_act",),
+    "decoder_dropout_prob": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "max_report_length": ("max_position_embeddings",),
+}
+
+
+def _decoder_alias(name: str, fields: tuple[str, ...]) -> property:
+    def get(self):
+        return getattr(self.decoder_config, fields[0])
+
+    def set(self, value):
+        for field_name in fields:
+            setattr(self.decoder_config, field_name, value)
+
+    return property(get, set, doc=f"Alias of `decoder_config.{fields[0]}`.")
 VIEW_FUSION_MODES = ("softmax", "sigmoid_gate")
 
 
@@ -55,12 +86,18 @@ class RefersConfig(PreTrainedConfig):
         contrastive_temperature (`float`, defaults to 0.1): InfoNCE temperature tau.
         contrastive_study_to_report_weight (`float`, defaults to 0.75): lambda; the report-to-study direction gets
             `1 - lambda`. Both directions get gradients (the official code's `.item()` drops one; not reproduced).
-        decoder_vocab_size (`int`, defaults to `text_config.vocab_size`): report decoder vocabulary (one shared
-            report tokenizer by default).
-        decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size,
-        decoder_hidden_act, decoder_dropout_prob: the report decoder (official code: 1 post-norm layer, width 1024,
-            16 heads, FFN 4096, GELU, dropout 0.1), cross-attending to the fused study tokens projected to its width.
-        max_report_length (`int`, defaults to 100): report tokens kept (and generated) by the decoder.
+        use_study_projection (`bool`, defaults to `False`): pass the study feature v_k through a learned
+            `study_projection` before InfoNCE. Off by default: the paper scores cos(v_k, t_k) and the official code
+            projects only the text side (BERT pooler -> Linear(768 -> V x 768)); then `projection_dim` must be the
+            study width (`num_views * hidden_size`, or `hidden_size` without view fusion).
+        decoder_config (`dict` or `BertConfig`, defaults to the official code's decoder): the report decoder, a
+            sub-config like `text_config` (so `attn_implementation` reaches it): a post-norm BERT stack with causal
+            self-attention and cross-attention to the fused study tokens (official code: 1 layer, width 1024, 16
+            heads, FFN 4096, GELU, dropout 0.1, 100 tokens). Its vocabulary defaults to `text_config.vocab_size` (one
+            shared report tokenizer).
+        decoder_vocab_size, decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads,
+        decoder_intermediate_size, decoder_hidden_act, decoder_dropout_prob, max_report_length: flat aliases of the
+            `decoder_config` fields (accepted as keyword arguments and in `update_from_string`).
         pad_token_id, bos_token_id, eos_token_id (`int`): the report tokenizer's padding, start and end tokens
             (BERT's [PAD]=0, [CLS]=101, [SEP]=102 by default; `run_pretrain.py` sets them from the tokenizer).
         use_view_fusion (`bool`, defaults to `True`): ablation: `False` pairs every view with the report.
@@ -68,11 +105,14 @@ class RefersConfig(PreTrainedConfig):
         use_study_report_consistency (`bool`, defaults to `True`): ablation: `False` drops the text encoder.
         freeze_text_encoder (`bool`, defaults to `False`): keep the text encoder's weights fixed.
         tie_word_embeddings (`bool`, defaults to `True`): tie the report decoder's output weights to its input
-            embeddings (official code).
+            embeddings (official code); `False` keeps (and saves) a separate output layer.
     """
 
     model_type = "refers"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "decoder_config": SubConfigSpec(config_class=BertConfig, init_kwargs=DEFAULT_DECODER_CONFIG),
+    }
 
     image_size: int = 224
     patch_size: int = 16
@@ -95,14 +135,8 @@ class RefersConfig(PreTrainedConfig):
     projection_dim: int | None = None
     contrastive_temperature: float = 0.1
     contrastive_study_to_report_weight: float = 0.75
-    decoder_vocab_size: int | None = None
-    decoder_hidden_size: int = 1024
-    decoder_num_hidden_layers: int = 1
-    decoder_num_attention_heads: int = 16
-    decoder_intermediate_size: int = 4096
-    decoder_hidden_act: str = "gelu"
-    decoder_dropout_prob: float | int = 0.1
-    max_report_length: int = 100
+    use_study_projection: bool = False
+    decoder_config: dict | PreTrainedConfig | None = None
     pad_token_id: int | None = 0
     bos_token_id: int | None = 101
     eos_token_id: int | None = 102
@@ -113,34 +147,37 @@ class RefersConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        aliases = {name: kwargs.pop(name) for name in list(kwargs) if name in DECODER_ALIASES}
+        decoder_given = self.decoder_config is not None
         super().__post_init__(**kwargs)
+        if not decoder_given and "decoder_vocab_size" not in aliases:
+            self.decoder_config.vocab_size = self.text_config.vocab_size
+        for name, value in aliases.items():
+            setattr(self, name, value)
+        self.sync_decoder_config()
         if self.projection_dim is None:
-            self.projection_dim = self.num_views * self.hidden_size
-        if self.decoder_vocab_size is None:
-            self.decoder_vocab_size = self.text_config.vocab_size
+            self.projection_dim = self.study_width
         self.check_architecture()
 
+    @property
+    def study_width(self) -> int:
+        """Width of the study feature v_k: `num_views * hidden_size` with view fusion, `hidden_size` without."""
+        return self.num_views * self.hidden_size if self.use_view_fusion else self.hidden_size
+
+    def sync_decoder_config(self) -> None:
+        """Copy the report tokenizer's special tokens, the tying choice and the initializer range into
+        `decoder_config` (the decoder reads them from there); called on init and when the decoder is built."""
+        decoder = self.decoder_config
+        decoder.is_decoder, decoder.add_cross_attention = True, True
+        decoder.pad_token_id, decoder.bos_token_id, decoder.eos_token_id = (
+            self.pad_token_id, self.bos_token_id, self.eos_token_id)
+        decoder.tie_word_embeddings = self.tie_word_embeddings
+        decoder.initializer_range = self.initializer_range
+
     def get_decoder_config(self) -> BertConfig:
-        """The report decoder's configuration: a post-norm BERT layer stack with causal self-attention and
-        cross-attention to the study tokens, output weights tied to the input embeddings."""
-        return BertConfig(
-            vocab_size=self.decoder_vocab_size,
-            hidden_size=self.decoder_hidden_size,
-            num_hidden_layers=self.decoder_num_hidden_layers,
-            num_attention_heads=self.decoder_num_attention_heads,
-            intermediate_size=self.decoder_intermediate_size,
-            hidden_act=self.decoder_hidden_act,
-            hidden_dropout_prob=self.decoder_dropout_prob,
-            attention_probs_dropout_prob=self.decoder_dropout_prob,
-            max_position_embeddings=self.max_report_length,
-            initializer_range=self.initializer_range,
-            is_decoder=True,
-            add_cross_attention=True,
-            tie_word_embeddings=self.tie_word_embeddings,
-            pad_token_id=self.pad_token_id,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-        )
+        """The report decoder's configuration (`decoder_config`, with the special tokens and tying synced)."""
+        self.sync_decoder_config()
+        return self.decoder_config
 
     def check_architecture(self):
         """Raise a `ValueError` that names the field when an architecture value is impossible."""
@@ -173,6 +210,12 @@ class RefersConfig(PreTrainedConfig):
                 f"RefersConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
                 f"decoder_num_attention_heads ({self.decoder_num_attention_heads})."
             )
+        if not self.use_study_projection and self.projection_dim != self.study_width:
+            raise ValueError(
+                f"RefersConfig.projection_dim ({self.projection_dim}) must equal the study width ({self.study_width}: "
+                "num_views * hidden_size with view fusion, hidden_size without) when use_study_projection=False (the "
+                "study feature enters InfoNCE unprojected); set use_study_projection=True for another width."
+            )
         if self.contrastive_temperature <= 0:
             raise ValueError(f"RefersConfig.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
         if not 0.0 <= self.contrastive_study_to_report_weight <= 1.0:
@@ -194,4 +237,8 @@ class RefersConfig(PreTrainedConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-__all__ = ["RefersConfig", "AGGREGATION_MODES", "VIEW_FUSION_MODES"]
+for _name, _fields in DECODER_ALIASES.items():
+    setattr(RefersConfig, _name, _decoder_alias(_name, _fields))
+
+
+__all__ = ["RefersConfig", "DEFAULT_DECODER_CONFIG", "AGGREGATION_MODES", "VIEW_FUSION_MODES"]

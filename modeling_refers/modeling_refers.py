@@ -5,8 +5,6 @@ Read top to bottom: embeddings -> transformer block -> recurrent concatenation -
 block REFERS uses), so ViT/timm weights map one to one.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 
@@ -16,7 +14,7 @@ from transformers import AutoModel, BertLMHeadModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
@@ -70,9 +68,10 @@ class RefersModelOutput(ModelOutput):
         view_mask (`(batch, num_views)`): the view mask used (studies only).
         study_embeds, study_pooled_output, study_hidden_states, study_attention_mask, view_weights: see
             [`RefersViewFusionOutput`] (studies only).
-        hidden_states: per-layer outputs, each `(num_real_images, 1 + num_patches, hidden_size)` (masked views are
-            not run through the transformer).
-        attentions: per-layer attention probabilities, each `(num_real_images, heads, seq, seq)` (eager attention).
+        hidden_states: per-layer outputs, each `(num_images, 1 + num_patches, hidden_size)`; for studies
+            `num_images = batch * V`, views in order (masked views are computed on zeroed pixels and then dropped by
+            the mask, so that the traced graph has no data-dependent shapes).
+        attentions: per-layer attention probabilities, each `(num_images, heads, seq, seq)` (eager attention).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -245,7 +244,9 @@ class RefersPreTrainedModel(PreTrainedModel):
     _head_prefixes: tuple[str, ...] = ()
 
     @classmethod
-    def from_pretrained_checked(cls, pretrained_model_name_or_path, **kwargs) -> tuple["RefersPreTrainedModel", "CheckpointLoadReport"]:
+    def from_pretrained_checked(
+        cls, pretrained_model_name_or_path, **kwargs
+    ) -> tuple["RefersPreTrainedModel", "CheckpointLoadReport"]:
         """`from_pretrained` that refuses a checkpoint of the wrong architecture and says what it kept and dropped.
 
         Only this class's head (e.g. `classifier.`) may be missing from the checkpoint; anything else missing or of
@@ -253,7 +254,15 @@ class RefersPreTrainedModel(PreTrainedModel):
         (the text encoder and report decoder of a pretraining checkpoint) are listed as dropped in the report.
         """
         kwargs.setdefault("ignore_mismatched_sizes", True)  # collect shape mismatches; refused below unless a head's
-        model, info = cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        # transformers' own per-key loading table (dozens of UNEXPECTED lines for a pretraining checkpoint) is replaced
+        # by the one-line report below.
+        report_logger = logging.get_logger("transformers.utils.loading_report")
+        level = report_logger.level
+        report_logger.setLevel(logging.ERROR)
+        try:
+            model, info = cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        finally:
+            report_logger.setLevel(level)
         mismatched = [item[0] if isinstance(item, (tuple, list)) else str(item) for item in info.get("mismatched_keys", [])]
         report = CheckpointLoadReport(
             new_keys=sorted(info["missing_keys"]),
@@ -322,7 +331,9 @@ class RefersModel(RefersPreTrainedModel):
         self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
         self.recurrent_concat = RefersRecurrentConcat(config) if config.aggregation == "recurrent_concat" else None
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.view_fusion = RefersViewFusion(config)
+        # Built only where used: a model for single images (`use_view_fusion=False`) has no idle parameters, so
+        # DistributedDataParallel runs with find_unused_parameters=False.
+        self.view_fusion = RefersViewFusion(config) if config.use_view_fusion else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -378,17 +389,26 @@ class RefersModel(RefersPreTrainedModel):
                 f"`view_mask` must have shape (batch, V) = {(batch_size, num_views)}, got {tuple(view_mask.shape)}."
             )
         view_mask = view_mask.bool()
-        empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"Study {empty[0]} of the batch (batch indices {empty}) has every view masked in `view_mask`; each "
-                "study needs at least one real view."
-            )
+        if not _is_traced():
+            empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"Study {empty[0]} of the batch (batch indices {empty}) has every view masked in `view_mask`; "
+                    "each study needs at least one real view."
+                )
 
-        sequence = self.forward_features(pixel_values[view_mask], interpolate_pos_encoding, **kwargs)
-        last_hidden_state = sequence.new_zeros(batch_size, num_views, *sequence.shape[1:])
-        last_hidden_state = last_hidden_state.index_put((view_mask,), sequence)
+        # Every view goes through the transformer (no data-dependent gather, so torch.export / torch.compile trace
+        # it); a masked view's pixels are zeroed before and its outputs after, so it changes nothing.
+        flat_mask = view_mask.reshape(-1)
+        pixels = pixel_values.flatten(0, 1)
+        pixels = torch.where(flat_mask[:, None, None, None], pixels, torch.zeros_like(pixels))
+        sequence = self.forward_features(pixels, interpolate_pos_encoding, **kwargs)
+        sequence = torch.where(flat_mask[:, None, None], sequence, torch.zeros_like(sequence))
+        last_hidden_state = sequence.reshape(batch_size, num_views, *sequence.shape[1:])
         pooled = last_hidden_state[:, :, 0]
+        if self.view_fusion is None:
+            return RefersModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled,
+                                     view_mask=view_mask.long())
         fusion = self.view_fusion(pooled, last_hidden_state[:, :, 1:], view_mask)
         return RefersModelOutput(
             last_hidden_state=last_hidden_state,
@@ -396,6 +416,12 @@ class RefersModel(RefersPreTrainedModel):
             view_mask=view_mask.long(),
             **fusion,
         )
+
+
+def _is_traced() -> bool:
+    """True under torch.compile / torch.export tracing, where data-dependent Python checks cannot run."""
+    compiler = torch.compiler
+    return compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
 class RefersForImageClassification(RefersPreTrainedModel):
@@ -430,7 +456,15 @@ class RefersForImageClassification(RefersPreTrainedModel):
         outputs = self.refers(
             pixel_values, view_mask=view_mask, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
-        features = outputs.study_pooled_output if outputs.study_pooled_output is not None else outputs.pooler_output
+        if outputs.study_pooled_output is not None:
+            features = outputs.study_pooled_output
+        elif outputs.pooler_output.ndim == 2:
+            features = outputs.pooler_output
+        else:
+            raise ValueError(
+                "Study input (batch, V, C, H, W) needs view fusion, but this classifier was built with "
+                "use_view_fusion=False (for single images); load it with use_view_fusion=True to classify studies."
+            )
         logits = self.classifier(features)
         loss = None
         if labels is not None:
@@ -465,6 +499,9 @@ class RefersForPreTrainingOutput(ModelOutput):
         study_embeds (`(num_studies, projection_dim)`): projected study features.
         report_embeds (`(batch, projection_dim)`): projected report features.
         view_weights (`(batch, num_views)`): the view fusion's weights.
+        hidden_states, attentions: the radiograph transformer's, as in [`RefersModelOutput`] (when asked for).
+        decoder_hidden_states, decoder_attentions, cross_attentions: the report decoder's (when asked for).
+        text_hidden_states, text_attentions: the report encoder's (when asked for).
     """
 
     loss: torch.FloatTensor | None = None
@@ -477,6 +514,13 @@ class RefersForPreTrainingOutput(ModelOutput):
     study_embeds: torch.FloatTensor | None = None
     report_embeds: torch.FloatTensor | None = None
     view_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def study_report_contrastive_loss(
@@ -515,10 +559,11 @@ class RefersReportDecoder(nn.Module):
     def __init__(self, config: RefersConfig):
         super().__init__()
         self.memory_projection = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        # Built on the sub-config itself (not a copy), so `attn_implementation` set on RefersConfig reaches it.
         self.decoder = BertLMHeadModel(config.get_decoder_config())
         self.decoder.loss_type = "ForCausalLM"  # shifted next-token cross entropy, -100 ignored
 
-    def forward(self, input_ids, attention_mask, memory, memory_mask, labels=None):
+    def forward(self, input_ids, attention_mask, memory, memory_mask, labels=None, **kwargs):
         return self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -526,6 +571,8 @@ class RefersReportDecoder(nn.Module):
             encoder_attention_mask=memory_mask,
             labels=labels,
             use_cache=False,
+            return_dict=True,
+            **kwargs,
         )
 
     def generate(self, memory, memory_mask, **generate_kwargs) -> torch.LongTensor:
@@ -563,18 +610,19 @@ class RefersForPreTraining(RefersPreTrainedModel):
     def __init__(self, config: RefersConfig):
         super().__init__(config)
         self.refers = RefersModel(config)
-        study_width = config.num_views * config.hidden_size if config.use_view_fusion else config.hidden_size
         self.report_decoder = RefersReportDecoder(config) if config.use_report_generation else None
-        # The decoder's output weights are tied to its input embeddings; without a decoder there is nothing to tie.
-        self._tied_weights_keys = dict(self._decoder_tied_weights_keys) if self.report_decoder is not None else {}
-        # Tied copies are not stored; a Trainer restoring the best checkpoint re-ties them instead of warning.
+        # The decoder's output weights are tied to its input embeddings (tie_word_embeddings=True, official code);
+        # untied, both are real weights that are saved and loaded. Tied copies are not stored; listing them in
+        # `_keys_to_ignore_on_save` lets a Trainer restoring the best checkpoint re-tie them instead of warning.
+        tied = self.report_decoder is not None and config.tie_word_embeddings
+        self._tied_weights_keys = dict(self._decoder_tied_weights_keys) if tied else {}
         self._keys_to_ignore_on_save = list(self._tied_weights_keys)
+        self.text_encoder = self.text_projection = self.study_projection = None
         if config.use_study_report_consistency:
             self.text_encoder = AutoModel.from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)
-            self.study_projection = nn.Linear(study_width, config.projection_dim)
-        else:
-            self.text_encoder = self.text_projection = self.study_projection = None
+            if config.use_study_projection:  # not in the paper nor the official code: off by default
+                self.study_projection = nn.Linear(config.study_width, config.projection_dim)
         self.post_init()
         if self.text_encoder is not None and config.freeze_text_encoder:
             self.text_encoder.requires_grad_(False)
@@ -599,36 +647,52 @@ class RefersForPreTraining(RefersPreTrainedModel):
         model.text_encoder.load_state_dict(text_encoder.state_dict())
         return model
 
-    def _study_memory(self, pixel_values, view_mask):
-        """Run the radiograph transformer. Returns `(study_features, memory, memory_mask, report_index, fusion)`:
+    def _study_memory(self, pixel_values, view_mask, **kwargs):
+        """Run the radiograph transformer. Returns `(study_features, memory, memory_mask, report_index, outputs)`:
         one row per study with view fusion, one row per real view without (`report_index` maps rows to reports)."""
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
         if not self.config.use_view_fusion:
             real = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
             real = real if view_mask is None else view_mask.bool()
-            views = self.refers(pixel_values[real])
+            views = self.refers(pixel_values[real], **kwargs)
             report_index = real.nonzero()[:, 0]
             memory = views.last_hidden_state[:, 1:]
             memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
-            return views.pooler_output, memory, memory_mask, report_index, None
-        study = self.refers(pixel_values, view_mask=view_mask)
+            return views.pooler_output, memory, memory_mask, report_index, views
+        study = self.refers(pixel_values, view_mask=view_mask, **kwargs)
         return study.study_embeds, study.study_hidden_states, study.study_attention_mask, None, study
 
-    def get_study_features(self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected study embeddings `(num_studies, projection_dim)` for retrieval (one row per view without
-        view fusion)."""
-        if self.study_projection is None:
-            raise ValueError("This model has no study-report consistency head (use_study_report_consistency=False).")
-        features = self._study_memory(pixel_values, view_mask)[0]
-        return self.study_projection(features)
+    def _study_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        return self.study_projection(features) if self.study_projection is not None else features
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected report embeddings `(batch, projection_dim)` from the text encoder's pooled output."""
+    @can_return_tuple
+    def get_study_features(
+        self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Study embeddings for retrieval, as CLIP's `get_image_features`: `pooler_output` `(num_studies,
+        projection_dim)` is the study feature v_k that enters InfoNCE (through `study_projection` when
+        `use_study_projection`); `last_hidden_state` `(num_studies, V * num_patches, hidden_size)` the fused study
+        tokens; `hidden_states` / `attentions` the radiograph transformer's. One row per view without view fusion."""
+        features, memory, _, _, vision = self._study_memory(pixel_values, view_mask, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=memory,
+            pooler_output=self._study_embeds(features),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Report embeddings, as CLIP's `get_text_features`: the text encoder's output with `pooler_output`
+        `(batch, projection_dim)` = `text_projection(pooler)`."""
         if self.text_encoder is None:
             raise ValueError("This model has no text encoder (use_study_report_consistency=False).")
-        pooled = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return self.text_projection(pooled)
+        outputs = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs
 
     @can_return_tuple
     def forward(
@@ -653,9 +717,9 @@ class RefersForPreTraining(RefersPreTrainedModel):
         decoder_input_ids, decoder_attention_mask (`(batch, T)`): decoder input in a separate decoder vocabulary.
         return_loss (`bool`): compute the losses (the Trainer uses this for evaluation).
         """
-        features, memory, memory_mask, report_index, fusion = self._study_memory(pixel_values, view_mask)
+        features, memory, memory_mask, report_index, vision = self._study_memory(pixel_values, view_mask, **kwargs)
 
-        loss_report = report_logits = None
+        loss_report = report_logits = decoded = None
         if self.report_decoder is not None and (labels is not None or decoder_input_ids is not None):
             if decoder_input_ids is None:
                 decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
@@ -667,14 +731,16 @@ class RefersForPreTraining(RefersPreTrainedModel):
                 if decoder_attention_mask is not None:
                     decoder_attention_mask = decoder_attention_mask[report_index]
             decoded = self.report_decoder(
-                decoder_input_ids, decoder_attention_mask, memory, memory_mask, labels=labels if return_loss else None
+                decoder_input_ids, decoder_attention_mask, memory, memory_mask,
+                labels=labels if return_loss else None, **kwargs,
             )
             loss_report, report_logits = decoded.loss, decoded.logits
 
-        loss_contrast = loss_s2r = loss_r2s = logits_per_study = study_embeds = report_embeds = None
+        loss_contrast = loss_s2r = loss_r2s = logits_per_study = study_embeds = report_embeds = text = None
         if self.text_encoder is not None and input_ids is not None:
-            study_embeds = self.study_projection(features)
-            report_embeds = self.get_text_features(input_ids, attention_mask)
+            study_embeds = self._study_embeds(features)
+            text = self.get_text_features(input_ids, attention_mask, **kwargs)
+            report_embeds = text.pooler_output
             loss_contrast, loss_s2r, loss_r2s, logits_per_study = study_report_contrastive_loss(
                 study_embeds,
                 report_embeds,
@@ -695,7 +761,14 @@ class RefersForPreTraining(RefersPreTrainedModel):
             report_logits=report_logits,
             study_embeds=study_embeds,
             report_embeds=report_embeds,
-            view_weights=fusion.view_weights if fusion is not None else None,
+            view_weights=getattr(vision, "view_weights", None),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+            decoder_hidden_states=decoded.hidden_states if decoded is not None else None,
+            decoder_attentions=decoded.attentions if decoded is not None else None,
+            cross_attentions=decoded.cross_attentions if decoded is not None else None,
+            text_hidden_states=text.hidden_states if text is not None else None,
+            text_attentions=text.attentions if text is not None else None,
         )
 
     @torch.no_grad()

@@ -92,10 +92,13 @@ def test_hidden_states_and_attentions_are_returned():
     out = model(study_batch(), view_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), output_hidden_states=True,
                 output_attentions=True)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
-    assert out.hidden_states[0].shape == (5, 1 + config.num_patches, config.hidden_size)  # 5 real views
+    # batch * V = 6 images, views in order (the masked one is computed on zeroed pixels, then dropped by the mask)
+    assert out.hidden_states[0].shape == (6, 1 + config.num_patches, config.hidden_size)
     assert len(out.attentions) == config.num_hidden_layers
-    assert out.attentions[0].shape == (5, config.num_attention_heads, 1 + config.num_patches, 1 + config.num_patches)
-    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(5, 4, 1 + config.num_patches))
+    assert out.attentions[0].shape == (6, config.num_attention_heads, 1 + config.num_patches, 1 + config.num_patches)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(6, 4, 1 + config.num_patches))
+    # The last hidden state of view (study 1, view 2) is hidden_states[-1] row 5 after the final LayerNorm.
+    torch.testing.assert_close(out.last_hidden_state[1, 2], model.layernorm(out.hidden_states[-1][5]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

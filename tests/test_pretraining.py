@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForPreTraining, BertTokenizerFast
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersForPreTraining, RefersModel
@@ -20,7 +21,7 @@ def tiny_pretraining_config(**overrides) -> RefersConfig:
         intermediate_size=64, view_fusion_hidden_size=16, hidden_dropout_prob=0.0,
         text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                          vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        projection_dim=24, decoder_hidden_size=32, decoder_num_attention_heads=4, decoder_intermediate_size=64,
+        decoder_hidden_size=32, decoder_num_attention_heads=4, decoder_intermediate_size=64,
         decoder_dropout_prob=0.0, max_report_length=16, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
     )
     values.update(overrides)
@@ -86,7 +87,7 @@ def test_forward_losses_and_shapes(batch):
     torch.testing.assert_close(out.loss, out.loss_report + out.loss_contrast)
     assert out.logits_per_study.shape == (2, 2)
     assert out.report_logits.shape == (2, 12, VOCAB)
-    assert out.study_embeds.shape == (2, 24) and out.report_embeds.shape == (2, 24)
+    assert out.study_embeds.shape == (2, 96) and out.report_embeds.shape == (2, 96)
     assert out.view_weights[1, 2] == 0
     # The report loss is the NLL of tokens 2..T of each report, padding ignored (hand computation).
     log_probs = out.report_logits[:, :-1].log_softmax(-1)
@@ -112,13 +113,16 @@ def test_loss_is_finite_and_decreases_over_20_steps(batch):
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_both_contrastive_directions_reach_both_projections(batch):
-    model = RefersForPreTraining(tiny_pretraining_config(use_report_generation=False))
+@pytest.mark.parametrize("use_study_projection", [False, True])
+def test_both_contrastive_directions_reach_both_sides(batch, use_study_projection):
+    model = RefersForPreTraining(tiny_pretraining_config(use_report_generation=False,
+                                                         use_study_projection=use_study_projection))
+    projections = {"text_projection.weight"} | ({"study_projection.weight"} if use_study_projection else set())
     for direction in ("loss_study_to_report", "loss_report_to_study"):
         model.zero_grad()
         getattr(model(**batch), direction).backward()
         got = grads(model)
-        assert {"study_projection.weight", "text_projection.weight"} <= got, direction
+        assert projections <= got, direction
         assert any(name.startswith("text_encoder.") for name in got), direction
         assert any(name.startswith("refers.layers.") for name in got), direction
 
@@ -132,8 +136,25 @@ def test_full_model_trains_every_module(batch):
     model = RefersForPreTraining(tiny_pretraining_config())
     model(**batch).loss.backward()
     got = grads(model)
-    for prefix in ("refers.view_fusion.", "refers.layers.", "report_decoder.", "text_encoder.", "study_projection."):
+    for prefix in ("refers.view_fusion.", "refers.layers.", "report_decoder.", "text_encoder.", "text_projection."):
         assert any(name.startswith(prefix) for name in got), prefix
+    # Every parameter learns (DistributedDataParallel with find_unused_parameters=False needs that).
+    assert got == {name for name, _ in model.named_parameters()}
+
+
+def test_study_side_enters_infonce_unprojected_by_default(batch):
+    """Paper: cos(v_k, t_k); official code: only the text side is projected (768 -> V x 768)."""
+    model = RefersForPreTraining(tiny_pretraining_config(use_report_generation=False)).eval()
+    assert model.study_projection is None and model.config.projection_dim == 3 * 32
+    out = model(**batch)
+    study = model.refers(batch["pixel_values"], view_mask=batch["view_mask"]).study_embeds
+    torch.testing.assert_close(out.study_embeds, study)
+    expected = nn.functional.normalize(study, dim=-1) @ nn.functional.normalize(out.report_embeds, dim=-1).T / 0.1
+    torch.testing.assert_close(out.logits_per_study, expected)
+    with pytest.raises(ValueError, match="projection_dim .* must equal the study width"):
+        tiny_pretraining_config(projection_dim=24)
+    projected = RefersForPreTraining(tiny_pretraining_config(use_study_projection=True, projection_dim=24))
+    assert projected.study_projection.in_features == 96 and projected(**batch).study_embeds.shape == (2, 24)
 
 
 def test_generation_only_has_no_text_encoder(batch):
@@ -164,8 +185,9 @@ def test_without_view_fusion_every_view_is_paired_with_the_report(batch):
     assert out.view_weights is None
     out.loss.backward()
     got = grads(model)
-    assert not any(name.startswith("refers.view_fusion.") for name in got)
-    assert "study_projection.weight" in got and model.study_projection.in_features == 32
+    assert model.refers.view_fusion is None  # not built where unused
+    assert out.study_embeds.shape == (5, 32) and model.study_projection is None
+    assert got == {name for name, _ in model.named_parameters()}
 
 
 def test_frozen_text_encoder_gets_no_gradient(batch):
@@ -225,9 +247,9 @@ def test_beam_search_and_decoding_with_a_real_tokenizer(batch, tmp_path):
 
 def test_study_and_text_features(batch):
     model = RefersForPreTraining(tiny_pretraining_config()).eval()
-    study = model.get_study_features(batch["pixel_values"], batch["view_mask"])
-    text = model.get_text_features(batch["input_ids"], batch["attention_mask"])
-    assert study.shape == (2, 24) and text.shape == (2, 24)
+    study = model.get_study_features(batch["pixel_values"], batch["view_mask"]).pooler_output
+    text = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+    assert study.shape == (2, 96) and text.shape == (2, 96)
     out = model(**batch)
     torch.testing.assert_close(out.study_embeds, study)
     torch.testing.assert_close(out.report_embeds, text)
@@ -257,7 +279,7 @@ def test_pretraining_checkpoint_loads_into_backbone_and_classifier(tmp_path):
     classifier, report = RefersForImageClassification.from_pretrained_checked(tmp_path, num_labels=4)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     dropped = report.dropped_by_module()
-    assert set(dropped) == {"report_decoder", "text_encoder", "text_projection", "study_projection"}
+    assert set(dropped) == {"report_decoder", "text_encoder", "text_projection"}
     assert "text_encoder" in str(report) and "report_decoder" in str(report)
     for key, value in pretrained.refers.state_dict().items():
         assert torch.equal(classifier.refers.state_dict()[key], value), key
@@ -280,7 +302,7 @@ def test_text_encoder_from_a_local_folder(tmp_path):
     model = RefersForPreTraining.from_text_encoder_pretrained(
         folder, image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
         intermediate_size=64, view_fusion_hidden_size=16, decoder_hidden_size=32, decoder_num_attention_heads=4,
-        decoder_intermediate_size=64, projection_dim=16,
+        decoder_intermediate_size=64,
     )
     from safetensors.torch import load_file
 
