@@ -188,8 +188,43 @@ class RefersViewFusion(nn.Module):
             study_hidden_states = gates[..., None] * view_tokens
             view_weights = gates.mean(dim=-1)
 
-        normalised = view_weights / view_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mask.dtype).tiny)
+        return self._output(view_features, study_embeds, study_hidden_states, view_weights, view_mask)
+
+    def forward_single_view(self, view_feature: torch.Tensor, view_tokens: torch.Tensor) -> RefersViewFusionOutput:
+        """A single image `(batch, d)` + `(batch, P, d)` as a one-view study (the other V - 1 views masked): the
+        same weights as `forward` with `view_mask = [1, 0, ..., 0]`, without materialising the padded views. The
+        image's normalised weight is exactly 1 (`w / w`), so `study_pooled_output` is the image's own feature, and
+        every fusion parameter takes part in the graph (DistributedDataParallel with find_unused_parameters=False).
+        `study_hidden_states` is left out (it would be V x P tokens, mostly zeros)."""
+        batch_size, hidden_size = view_feature.shape
+        if self.mode == "softmax":
+            hidden = self.score_act(
+                nn.functional.linear(view_feature, self.score_dense.weight[:, :hidden_size], self.score_dense.bias))
+            score = nn.functional.linear(hidden, self.score_out.weight[:1], self.score_out.bias[:1])  # (batch, 1)
+            weight = score.softmax(dim=-1)  # exactly 1: the masked views get exp(min - max) = 0
+        else:
+            gate = torch.sigmoid(
+                nn.functional.linear(view_tokens, self.gate.weight[:1, :hidden_size], self.gate.bias[:1]))
+            weight = gate.mean(dim=1)  # (batch, 1): the mean gate, as `view_weights` of a study
+        view_weights = torch.cat([weight, weight.new_zeros(batch_size, self.num_views - 1)], dim=1)
+        view_features = torch.cat(
+            [view_feature[:, None], view_feature.new_zeros(batch_size, self.num_views - 1, hidden_size)], dim=1)
+        study_embeds = (view_weights[:, :, None] * view_features).flatten(1) if self.mode == "softmax" else (
+            view_features.flatten(1))
+        view_mask = torch.zeros(batch_size, self.num_views, dtype=torch.long, device=view_feature.device)
+        view_mask[:, 0] = 1
+        return self._output(view_features, study_embeds, None, view_weights, view_mask)
+
+    @staticmethod
+    def _output(view_features, study_embeds, study_hidden_states, view_weights, view_mask) -> RefersViewFusionOutput:
+        batch_size, num_views, hidden_size = view_features.shape
+        normalised = view_weights / view_weights.sum(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(view_weights.dtype).tiny)
         study_pooled_output = (normalised[:, :, None] * view_features).sum(dim=1)
+        if study_hidden_states is None:
+            return RefersViewFusionOutput(study_embeds=study_embeds, study_pooled_output=study_pooled_output,
+                                          view_weights=view_weights)
+        num_patches = study_hidden_states.shape[2]
         study_attention_mask = view_mask.long()[:, :, None].expand(-1, -1, num_patches).reshape(batch_size, -1)
         return RefersViewFusionOutput(
             study_embeds=study_embeds,
@@ -242,6 +277,15 @@ class RefersPreTrainedModel(PreTrainedModel):
 
     # Weights a checkpoint of another REFERS class may lack: they are new (initialised) when loading into this class.
     _head_prefixes: tuple[str, ...] = ()
+    # Every Auto class that can load a folder this class saves (written to `auto_map`, so each works with
+    # trust_remote_code=True where the package is not installed).
+    _loadable_by: dict[str, str] = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update({auto: f"modeling_refers.{name}" for auto, name in self._loadable_by.items()})
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained_checked(
@@ -324,6 +368,8 @@ class RefersModel(RefersPreTrainedModel):
     Takes one image batch `(batch, C, H, W)` or a study batch `(batch, V, C, H, W)` with `view_mask` `(batch, V)`.
     """
 
+    _loadable_by = {"AutoModel": "RefersModel", "AutoModelForImageClassification": "RefersForImageClassification"}
+
     def __init__(self, config: RefersConfig):
         super().__init__(config)
         self.config = config
@@ -331,8 +377,9 @@ class RefersModel(RefersPreTrainedModel):
         self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
         self.recurrent_concat = RefersRecurrentConcat(config) if config.aggregation == "recurrent_concat" else None
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        # Built only where used: a model for single images (`use_view_fusion=False`) has no idle parameters, so
-        # DistributedDataParallel runs with find_unused_parameters=False.
+        # Built only where used (not in the `use_view_fusion=False` ablation), so no parameter sits idle and
+        # DistributedDataParallel runs with find_unused_parameters=False; single images go through it as one-view
+        # studies.
         self.view_fusion = RefersViewFusion(config) if config.use_view_fusion else None
         self.post_init()
 
@@ -374,7 +421,13 @@ class RefersModel(RefersPreTrainedModel):
             if view_mask is not None:
                 raise ValueError("`view_mask` is only meaningful for study input of shape (batch, V, C, H, W).")
             sequence = self.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
-            return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0])
+            if self.view_fusion is None:
+                return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0])
+            # A single image is a one-view study: its fused feature is its own, and no parameter sits idle.
+            fusion = self.view_fusion.forward_single_view(sequence[:, 0], sequence[:, 1:])
+            return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0],
+                                     study_embeds=fusion.study_embeds, study_pooled_output=fusion.study_pooled_output,
+                                     view_weights=fusion.view_weights)
         if pixel_values.ndim != 5:
             raise ValueError(
                 "`pixel_values` must have shape (batch, C, H, W) or (batch, V, C, H, W), got "
@@ -433,6 +486,7 @@ class RefersForImageClassification(RefersPreTrainedModel):
     """
 
     _head_prefixes = ("classifier.",)
+    _loadable_by = {"AutoModel": "RefersModel", "AutoModelForImageClassification": "RefersForImageClassification"}
 
     def __init__(self, config: RefersConfig):
         super().__init__(config)
@@ -602,6 +656,11 @@ class RefersForPreTraining(RefersPreTrainedModel):
     `use_study_report_consistency`, `freeze_text_encoder`) decide which modules exist and learn.
     """
 
+    _loadable_by = {
+        "AutoModel": "RefersModel",
+        "AutoModelForImageClassification": "RefersForImageClassification",
+        "AutoModelForPreTraining": "RefersForPreTraining",
+    }
     _decoder_tied_weights_keys = {
         "report_decoder.decoder.cls.predictions.decoder.weight": "report_decoder.decoder.bert.embeddings.word_embeddings.weight",
         "report_decoder.decoder.cls.predictions.decoder.bias": "report_decoder.decoder.cls.predictions.bias",

@@ -63,7 +63,14 @@ def test_model_shapes_images_and_studies(aggregation, fusion):
     single = model(images(4, size=32))
     assert single.last_hidden_state.shape == (4, seq, d)
     assert single.pooler_output.shape == (4, d)
-    assert single.study_embeds is None and single.view_weights is None
+    # A single image is a one-view study: weight 1 on it, 0 on the V - 1 absent views, its own feature fused.
+    assert single.view_weights.shape == (4, v) and torch.all(single.view_weights[:, 1:] == 0)
+    assert torch.equal(single.study_pooled_output, single.pooler_output)
+    one_view = torch.zeros(4, v, 3, 32, 32)
+    one_view[:, 0] = images(4, size=32)
+    as_study = model(one_view, view_mask=torch.tensor([[1] + [0] * (v - 1)] * 4))
+    torch.testing.assert_close(single.view_weights, as_study.view_weights, atol=1e-6, rtol=0)
+    torch.testing.assert_close(single.study_embeds, as_study.study_embeds, atol=1e-6, rtol=0)
 
     studies = model(study_batch(), view_mask=torch.tensor([[1, 1, 1], [1, 0, 1]]))
     assert studies.last_hidden_state.shape == (2, v, seq, d)
