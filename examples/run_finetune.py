@@ -299,8 +299,11 @@ def describe_data(spec, data_dir, full, train_set, eval_set, test_set) -> dict:
 
 
 def scores_from_logits(logits: np.ndarray, problem_type: str) -> np.ndarray:
-    """Probabilities: sigmoid per class (multi-label) or softmax over classes (single-label)."""
-    logits = torch.as_tensor(logits, dtype=torch.float32)
+    """Probabilities: sigmoid per class (multi-label) or softmax over classes (single-label). `logits` may be the
+    Trainer's tuple of output fields (`logits`, `view_weights`): the first is the logits."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
     return (logits.sigmoid() if problem_type == "multi_label_classification" else logits.softmax(-1)).numpy()
 
 

@@ -82,7 +82,7 @@ class RefersConfig(PreTrainedConfig):
 
         text_config (`dict` or `PreTrainedConfig`, defaults to BERT-base): the report encoder of the study-report
             consistency task (any BERT-like `model_type`; a local folder's config when loaded from one).
-        projection_dim (`int`, defaults to `num_views * hidden_size`): width of the shared study/report embedding.
+        projection_dim (`int`, defaults to the study width, `num_views * hidden_size`): width of the shared study/report embedding.
         contrastive_temperature (`float`, defaults to 0.1): InfoNCE temperature tau.
         contrastive_study_to_report_weight (`float`, defaults to 0.75): lambda; the report-to-study direction gets
             `1 - lambda`. Both directions get gradients (the official code's `.item()` drops one; not reproduced).
@@ -155,9 +155,12 @@ class RefersConfig(PreTrainedConfig):
         for name, value in aliases.items():
             setattr(self, name, value)
         self.sync_decoder_config()
-        if self.projection_dim is None:
-            self.projection_dim = self.study_width
         self.check_architecture()
+
+    @property
+    def contrastive_dim(self) -> int:
+        """Width of the shared study/report embedding: `projection_dim`, or the study width when it is unset."""
+        return self.projection_dim if self.projection_dim is not None else self.study_width
 
     @property
     def study_width(self) -> int:
@@ -183,7 +186,7 @@ class RefersConfig(PreTrainedConfig):
         """Raise a `ValueError` that names the field when an architecture value is impossible."""
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size", "num_views", "view_fusion_hidden_size",
-                     "projection_dim", "decoder_vocab_size", "decoder_hidden_size", "decoder_num_hidden_layers",
+                     "decoder_vocab_size", "decoder_hidden_size", "decoder_num_hidden_layers",
                      "decoder_num_attention_heads", "decoder_intermediate_size", "max_report_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -210,9 +213,11 @@ class RefersConfig(PreTrainedConfig):
                 f"RefersConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
                 f"decoder_num_attention_heads ({self.decoder_num_attention_heads})."
             )
-        if not self.use_study_projection and self.projection_dim != self.study_width:
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
+            raise ValueError(f"RefersConfig.projection_dim must be a positive integer or None, got {self.projection_dim!r}.")
+        if not self.use_study_projection and self.contrastive_dim != self.study_width:
             raise ValueError(
-                f"RefersConfig.projection_dim ({self.projection_dim}) must equal the study width ({self.study_width}: "
+                f"RefersConfig.projection_dim ({self.contrastive_dim}) must equal the study width ({self.study_width}: "
                 "num_views * hidden_size with view fusion, hidden_size without) when use_study_projection=False (the "
                 "study feature enters InfoNCE unprojected); set use_study_projection=True for another width."
             )

@@ -679,9 +679,9 @@ class RefersForPreTraining(RefersPreTrainedModel):
         self.text_encoder = self.text_projection = self.study_projection = None
         if config.use_study_report_consistency:
             self.text_encoder = AutoModel.from_config(config.text_config)
-            self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)
+            self.text_projection = nn.Linear(config.text_config.hidden_size, config.contrastive_dim)
             if config.use_study_projection:  # not in the paper nor the official code: off by default
-                self.study_projection = nn.Linear(config.study_width, config.projection_dim)
+                self.study_projection = nn.Linear(config.study_width, config.contrastive_dim)
         self.post_init()
         if self.text_encoder is not None and config.freeze_text_encoder:
             self.text_encoder.requires_grad_(False)

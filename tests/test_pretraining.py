@@ -145,7 +145,7 @@ def test_full_model_trains_every_module(batch):
 def test_study_side_enters_infonce_unprojected_by_default(batch):
     """Paper: cos(v_k, t_k); official code: only the text side is projected (768 -> V x 768)."""
     model = RefersForPreTraining(tiny_pretraining_config(use_report_generation=False)).eval()
-    assert model.study_projection is None and model.config.projection_dim == 3 * 32
+    assert model.study_projection is None and model.config.contrastive_dim == 3 * 32
     out = model(**batch)
     study = model.refers(batch["pixel_values"], view_mask=batch["view_mask"]).study_embeds
     torch.testing.assert_close(out.study_embeds, study)
@@ -326,5 +326,5 @@ def test_pretraining_config_validation():
     assert (config.decoder_hidden_size, config.decoder_num_hidden_layers, config.decoder_num_attention_heads,
             config.decoder_intermediate_size, config.max_report_length) == (1024, 1, 16, 4096, 100)
     assert (config.contrastive_temperature, config.contrastive_study_to_report_weight) == (0.1, 0.75)
-    assert config.projection_dim == 3 * 768 and config.text_config.model_type == "bert"
+    assert config.contrastive_dim == 3 * 768 and config.text_config.model_type == "bert"
     assert math.isclose(config.get_decoder_config().hidden_dropout_prob, 0.1)
