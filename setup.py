@@ -13,9 +13,9 @@ setup(
     packages=find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
     package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md"]},
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "transformers>=5.23.0,<5.24",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=5.23,<6",
         "datasets>=5.2,<6",
         "evaluate>=0.4.6",
         "accelerate>=1.15",
