@@ -240,6 +240,11 @@ class RefersViewFusion(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _drop_load_report(record) -> bool:
+    """Logging filter: False for transformers' per-key "LOAD REPORT" (replaced by [`CheckpointLoadReport`])."""
+    return "LOAD REPORT" not in str(record.msg)
+
+
 class RefersPreTrainedModel(PreTrainedModel):
     config: RefersConfig
     config_class = RefersConfig
@@ -300,13 +305,12 @@ class RefersPreTrainedModel(PreTrainedModel):
         kwargs.setdefault("ignore_mismatched_sizes", True)  # collect shape mismatches; refused below unless a head's
         # transformers' own per-key loading table (dozens of UNEXPECTED lines for a pretraining checkpoint) is replaced
         # by the one-line report below.
-        report_logger = logging.get_logger("transformers.utils.loading_report")
-        level = report_logger.level
-        report_logger.setLevel(logging.ERROR)
+        load_logger = logging.get_logger("transformers.modeling_utils")  # where transformers logs its load report
+        load_logger.addFilter(_drop_load_report)
         try:
             model, info = cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         finally:
-            report_logger.setLevel(level)
+            load_logger.removeFilter(_drop_load_report)
         mismatched = [item[0] if isinstance(item, (tuple, list)) else str(item) for item in info.get("mismatched_keys", [])]
         report = CheckpointLoadReport(
             new_keys=sorted(info["missing_keys"]),
