@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+DOWNSTREAM = ["grad-cam>=1.5.4", "pycocoevalcap>=1.2", "rouge-score>=0.1.2", "sacrebleu>=2.4"]
+
 setup(
     name="refers",
     version="0.1.0",
@@ -32,5 +34,9 @@ setup(
         "pydicom>=3.0",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=9"]},
+    extras_require={
+        # explanations (Grad-CAM), report-generation metrics; imported lazily, with the pip command in the error
+        "downstream": DOWNSTREAM,
+        "test": ["pytest>=9", *DOWNSTREAM],
+    },
 )
