@@ -15,7 +15,7 @@
 
 PIL/NumPy backend only (no torchvision at inference). The pipeline for every view is
 
-    load -> window to 8 bits -> resize (shortest edge) -> [train: rotate] -> crop (train: random, eval: centre)
+    load -> window to 8 bits -> resize (256 x 256, or the shortest edge) -> [train: rotate] -> crop (train: random, eval: centre)
     -> [flip, decided once per study] -> [train: brightness, contrast] -> 1 or 3 channels -> rescale -> normalize
 
 Randomness only comes from the `generator` argument of a call (a `numpy.random.Generator`, a `random.Random`
@@ -150,9 +150,13 @@ def _is_dicom_file(path: str) -> bool:
     return len(header) == 132 and header[128:] == b"DICM"
 
 
-def _pil_to_uint8(image: Image.Image) -> np.ndarray:
+def _pil_to_uint8(image: Image.Image, keep_alpha: bool = False) -> np.ndarray:
     if image.mode in _HIGH_BIT_DEPTH_PIL_MODES:
         return window_to_uint8(np.array(image))
+    if keep_alpha and image.mode in ("LA", "La"):
+        return np.array(image.convert("LA"))
+    if keep_alpha and (image.mode in ("RGBA", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info)):
+        return np.array(image.convert("RGBA"))
     if image.mode in ("1", "L", "LA", "La"):
         return np.array(image.convert("L"))
     if image.mode != "RGB":
@@ -160,22 +164,22 @@ def _pil_to_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image)
 
 
-def _array_to_uint8(array: Any) -> np.ndarray:
+def _array_to_uint8(array: Any, keep_alpha: bool = False) -> np.ndarray:
     if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     if array.size == 0:
         raise ValueError(f"image array is empty (shape {array.shape})")
     if array.ndim == 3:
-        if infer_channel_dimension_format(array, num_channels=(1, 3, 4)) == ChannelDimension.FIRST:
+        if infer_channel_dimension_format(array, num_channels=(1, 2, 3, 4)) == ChannelDimension.FIRST:
             array = np.moveaxis(array, 0, -1)
         if array.shape[-1] == 1:
             array = array[..., 0]
-        elif array.shape[-1] == 4:
-            array = array[..., :3]  # drop alpha: radiographs are opaque
+        elif array.shape[-1] in (2, 4) and not keep_alpha:
+            array = array[..., :-1] if array.shape[-1] == 4 else array[..., 0]  # drop alpha: radiographs are opaque
     elif array.ndim != 2:
         raise ValueError(
-            f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {array.shape}"
+            f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 2, 3, 4; got shape {array.shape}"
         )
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
@@ -184,10 +188,11 @@ def _array_to_uint8(array: Any) -> np.ndarray:
     return array
 
 
-def load_radiograph(image: Any) -> np.ndarray:
+def load_radiograph(image: Any, keep_alpha: bool = False) -> np.ndarray:
     """Load one radiograph as uint8: `(H, W)` for grayscale, `(H, W, 3)` for colour.
 
-    Accepts a file path (`str` / `os.PathLike`: PNG, JPEG, ... incl. 16-bit PNG, or DICOM), an `http(s)://` URL, a
+    With `keep_alpha=True` an alpha channel is kept (`(H, W, 2)` grey + alpha, `(H, W, 4)` RGBA); by default it
+    is dropped (radiographs are opaque). Accepts a file path (`str` / `os.PathLike`: PNG, JPEG, ... incl. 16-bit PNG, or DICOM), an `http(s)://` URL, a
     `PIL.Image.Image` (any mode), a numpy array or torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)`; uint8 kept
     as is, any other dtype min-max windowed with `window_to_uint8`). Use `window_to_uint8` yourself first when a
     DICOM window must be applied to an array.
@@ -195,7 +200,7 @@ def load_radiograph(image: Any) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
-            return _pil_to_uint8(load_image(path))
+            return _pil_to_uint8(load_image(path), keep_alpha)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: '{path}'")
         if _is_dicom_file(path):
@@ -203,13 +208,13 @@ def load_radiograph(image: Any) -> np.ndarray:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                return _pil_to_uint8(opened)
+                return _pil_to_uint8(opened, keep_alpha)
         except (OSError, SyntaxError, ValueError) as err:
             raise OSError(f"cannot read image file '{path}': {err}") from err
     if isinstance(image, Image.Image):
-        return _pil_to_uint8(image)
+        return _pil_to_uint8(image, keep_alpha)
     if isinstance(image, np.ndarray) or (hasattr(image, "detach") and hasattr(image, "shape")):
-        return _array_to_uint8(image)
+        return _array_to_uint8(image, keep_alpha)
     raise TypeError(
         f"an image must be a file path, a PIL.Image.Image, a numpy array or a torch tensor; got {type(image).__name__}"
     )
@@ -274,7 +279,7 @@ def describe_study(index: int, study_ids: Sequence[Any] | None) -> str:
     return f"study {index}"
 
 
-class RefersImagesKwargs(ImagesKwargs, total=False):
+class RefersImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     do_train_augment (`bool`, *optional*, defaults to `False`):
         Training mode: random crop (if `do_random_crop`), random horizontal flip, random rotation and random
@@ -303,14 +308,42 @@ class RefersImagesKwargs(ImagesKwargs, total=False):
     color_jitter_probability: int | float | None
 
 
+# The name the processor used before transformers' `<Model>ImageProcessorKwargs` convention; kept for old imports.
+RefersImagesKwargs = RefersImageProcessorKwargs
+
+
+def _per_channel(values: float | Sequence[float], channels: int, name: str) -> float | tuple[float, ...]:
+    """`image_mean` / `image_std` for an image of `channels` channels.
+
+    A scalar, or one value per channel, is used as given; the 3 RGB values serve a grey image (the first) and,
+    when all equal (the default 0.5), any channel count; otherwise the mismatch is an error that names `name`.
+    """
+    if np.isscalar(values):
+        return float(values)
+    values = tuple(float(value) for value in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return values[:1]
+    if len(set(values)) == 1:
+        return values[0]
+    raise ValueError(
+        f"{name} has {len(values)} values {list(values)} but the image has {channels} channels "
+        "(do_convert_rgb=False keeps the input's channels); give one value per channel or a single value"
+    )
+
+
 class RefersImageProcessor(PilBackend):
     r"""
     Image processor for REFERS radiograph transformers (PIL/NumPy backend, no torchvision needed).
 
-    Grayscale radiographs become 3 channels (`do_convert_rgb=True`, default; `False` keeps one channel),
-    16-bit and float inputs are windowed to 8 bits first (see `window_to_uint8`). Defaults follow the paper:
-    resize the shortest edge to 256, crop 224 (random in training, centre otherwise), horizontal flip
-    (p=0.5), rotation in [-10, 10] degrees, brightness/contrast jitter, normalise with mean = std = 0.5.
+    With `do_convert_rgb=True` (default) every radiograph becomes 3 channels (grey repeated, alpha dropped); with
+    `False` the channels are kept as given (grey 1, RGB 3, RGBA 4, as transformers' processors do). 16-bit and
+    float inputs are windowed to 8 bits first (see `window_to_uint8`). Defaults follow the paper: resize to
+    256 x 256, crop 224 (random in training, centre otherwise, centre offsets rounded as torchvision's
+    `center_crop`), horizontal flip (p=0.5), rotation in [-10, 10] degrees, brightness/contrast jitter,
+    normalise with mean = std = 0.5. `size={"shortest_edge": 256}` keeps the aspect ratio instead (what the
+    official fine-tuning code's `transforms.Resize(224)` does, at 224).
 
     Input layouts and outputs (`return_tensors="pt"`):
         - one image or a list of B images -> `pixel_values` `(B, C, H, W)`;
@@ -320,13 +353,13 @@ class RefersImageProcessor(PilBackend):
           report can be changed accordingly (left <-> right).
     """
 
-    valid_kwargs = RefersImagesKwargs
+    valid_kwargs = RefersImageProcessorKwargs
     model_input_names = ["pixel_values", "view_mask"]
 
     resample = PILImageResampling.BILINEAR
     image_mean = [0.5, 0.5, 0.5]
     image_std = [0.5, 0.5, 0.5]
-    size = {"shortest_edge": 256}
+    size = {"height": 256, "width": 256}
     default_to_square = False
     crop_size = {"height": 224, "width": 224}
     do_resize = True
@@ -387,26 +420,60 @@ class RefersImageProcessor(PilBackend):
             )
 
     # ------------------------------------------------------------------ loading
+    def to_dict(self) -> dict[str, Any]:
+        # `auto_map` in the per-backend form transformers 5 reads ({"pil": "module.Class"}): with the plain string,
+        # AutoVideoProcessor (which pipelines also try) infers a "RefersVideoProcessor" from it and asks whether to
+        # run custom code; the dict form is read by AutoImageProcessor alike and gives AutoVideoProcessor nothing.
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoImageProcessor"), str):
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": {"pil": auto_map["AutoImageProcessor"]}}
+        return output
+
     def fetch_images(self, image_url_or_urls):
-        """Load file paths (and URLs) with `load_radiograph`, keeping the nesting; other inputs pass through."""
+        """Load file paths (and URLs) with `load_radiograph` (alpha kept), keeping the nesting; others pass through."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
         if isinstance(image_url_or_urls, (str, os.PathLike)):
-            return load_radiograph(image_url_or_urls)
+            return load_radiograph(image_url_or_urls, keep_alpha=True)
         return image_url_or_urls
 
-    def process_image(self, image: Any, **kwargs) -> np.ndarray:
-        """One raw image -> uint8 channels-first `(1, H, W)` (grayscale) or `(3, H, W)` (colour).
+    def process_image(self, image: Any, do_convert_rgb: bool = True, **kwargs) -> np.ndarray:
+        """One raw image -> uint8 channels-first `(C, H, W)`.
 
-        Colour images whose three channels are identical are treated as grayscale (exact, and 3x less work).
+        `do_convert_rgb=True`: C is 1 (grey, repeated to 3 at the end) or 3 (colour), alpha dropped; colour images
+        whose three channels are identical are treated as grey (exact, and 3x less work). `False`: the channels
+        as given (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA).
         """
-        array = load_radiograph(image)
-        if array.ndim == 3:
-            if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
-                array = array[..., 0]
-            else:
-                return np.ascontiguousarray(np.moveaxis(array, -1, 0))
-        return array[None]
+        array = load_radiograph(image, keep_alpha=not do_convert_rgb)
+        if array.ndim == 2:
+            return array[None]
+        if (
+            do_convert_rgb
+            and np.array_equal(array[..., 0], array[..., 1])
+            and np.array_equal(array[..., 0], array[..., 2])
+        ):
+            return array[None, :, :, 0]
+        return np.ascontiguousarray(np.moveaxis(array, -1, 0))
+
+    def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
+        """Centre crop of a `(C, H, W)` image with torchvision's `center_crop` arithmetic.
+
+        The offsets are `round((H - h) / 2)` and `round((W - w) / 2)` (Python's round, as torchvision), not the
+        floor transformers' `center_crop` uses; an image smaller than the crop is zero-padded first with
+        torchvision's split (the extra pixel of an odd padding goes right / bottom).
+        """
+        if size.height is None or size.width is None:
+            raise ValueError(f"crop_size must have 'height' and 'width', got {size}")
+        crop_height, crop_width = int(size.height), int(size.width)
+        _, height, width = image.shape
+        if crop_height > height or crop_width > width:
+            pad_h, pad_w = max(crop_height - height, 0), max(crop_width - width, 0)
+            image = np.pad(image, ((0, 0), (pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)))
+            _, height, width = image.shape
+        top = int(round((height - crop_height) / 2.0))
+        left = int(round((width - crop_width) / 2.0))
+        return image[:, top : top + crop_height, left : left + crop_width]
 
     # ------------------------------------------------------------------ augmentation helpers
     @staticmethod
@@ -435,7 +502,13 @@ class RefersImageProcessor(PilBackend):
 
     @staticmethod
     def _jitter(image: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
-        """Brightness then contrast on a float `(C, H, W)` image in 0..255 (torchvision semantics, no rounding)."""
+        """Brightness then contrast on a float `(C, H, W)` image in 0..255 (torchvision semantics, no rounding).
+
+        An alpha channel (the last of 2 or 4) is left as it is.
+        """
+        if image.shape[0] in (2, 4):
+            colour = RefersImageProcessor._jitter(image[:-1], brightness, contrast)
+            return np.concatenate([colour, image[-1:]])
         image = np.clip(image * brightness, 0.0, 255.0)
         gray = image[0] if image.shape[0] == 1 else np.tensordot(_LUMA_WEIGHTS, image, axes=1)
         mean = float(gray.mean())
@@ -484,14 +557,12 @@ class RefersImageProcessor(PilBackend):
             image = self._jitter(image, brightness, contrast)
         if do_convert_rgb and image.shape[0] == 1:
             image = np.repeat(image, 3, axis=0)
-        elif not do_convert_rgb and image.shape[0] == 3:
-            image = np.tensordot(_LUMA_WEIGHTS, image, axes=1)[None]
         if do_rescale:
             image = self.rescale(image, rescale_factor)
         if do_normalize:
             channels = image.shape[0]
-            mean = image_mean if np.isscalar(image_mean) else tuple(image_mean)[:channels]
-            std = image_std if np.isscalar(image_std) else tuple(image_std)[:channels]
+            mean = _per_channel(image_mean, channels, "image_mean")
+            std = _per_channel(image_std, channels, "image_std")
             image = self.normalize(image, mean, std)
         return np.ascontiguousarray(image, dtype=np.float32)
 
@@ -585,7 +656,7 @@ class RefersImageProcessor(PilBackend):
                 if is_study_layout:
                     where += f", view {view_index}"
                 try:
-                    array = self.process_image(view)
+                    array = self.process_image(view, do_convert_rgb=kwargs["do_convert_rgb"])
                 except FileNotFoundError as err:
                     raise FileNotFoundError(f"{where}: {err}") from err
                 except OSError as err:
@@ -631,6 +702,7 @@ class RefersImageProcessor(PilBackend):
 
 __all__ = [
     "RefersImageProcessor",
+    "RefersImageProcessorKwargs",
     "RefersImagesKwargs",
     "describe_study",
     "load_dicom",

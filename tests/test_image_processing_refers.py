@@ -48,7 +48,9 @@ def to_unit(x):
 # ----------------------------------------------------------------------------- layouts, shapes, dtypes
 def test_defaults_follow_the_paper():
     p = RefersImageProcessor()
-    assert p.size.shortest_edge == 256 and (p.crop_size.height, p.crop_size.width) == (224, 224)
+    # the paper: "resized to 256 x 256, then cropped to 224 x 224" (a square resize, not the shortest edge)
+    assert (p.size.height, p.size.width) == (256, 256) and p.size.shortest_edge is None
+    assert (p.crop_size.height, p.crop_size.width) == (224, 224)
     assert tuple(p.image_mean) == (0.5, 0.5, 0.5) and tuple(p.image_std) == (0.5, 0.5, 0.5)
     assert p.rotation_degrees == 10.0 and p.flip_probability == 0.5 and p.do_train_augment is False
 
@@ -93,20 +95,104 @@ def test_resize_and_center_crop_match_hand_computation(covid_paths):
     height, width = raw.shape
     p = RefersImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 30, "width": 24})
     got = p(raw, return_tensors="np")["pixel_values"][0, 0]
-    # independent reference: PIL bilinear resize of the shortest edge to 40, then a centre crop by hand
+    # independent reference: PIL bilinear resize of the shortest edge to 40, then a centre crop by hand with
+    # torchvision's offsets, round((H - h) / 2) (Python's round: halves go to the even neighbour)
     if height <= width:
         new_h, new_w = 40, int(40 * width / height)
     else:
         new_h, new_w = int(40 * height / width), 40
     resized = np.array(Image.fromarray(raw).resize((new_w, new_h), Image.BILINEAR))
-    top, left = (new_h - 30) // 2, (new_w - 24) // 2
+    top, left = round((new_h - 30) / 2), round((new_w - 24) / 2)
     np.testing.assert_allclose(got, to_unit(resized[top : top + 30, left : left + 24]), rtol=0, atol=1e-6)
 
     small = np.arange(7 * 9, dtype=np.uint8).reshape(7, 9) * 3
     p = RefersImageProcessor(do_resize=False, crop_size={"height": 4, "width": 4})
     got = p(small, return_tensors="np")["pixel_values"][0]
-    expected = small[1:5, 2:6]  # top = (7 - 4) // 2 = 1, left = (9 - 4) // 2 = 2
+    expected = small[2:6, 2:6]  # top = round((7 - 4) / 2) = round(1.5) = 2, left = round((9 - 4) / 2) = round(2.5) = 2
     np.testing.assert_allclose(got, np.stack([to_unit(expected)] * 3), rtol=0, atol=1e-6)
+
+
+def _torchvision_reference(path, resize, crop):
+    """The official code's eval transform on a grey radiograph, as uint8 (H, W): torchvision Resize + CenterCrop."""
+    from torchvision.transforms import functional as TF
+
+    image = Image.open(path).convert("L")
+    return np.array(TF.center_crop(TF.resize(image, resize, interpolation=TF.InterpolationMode.BILINEAR), crop))
+
+
+@pytest.mark.parametrize("mode", ["shortest_edge", "square"])
+def test_resize_and_center_crop_match_torchvision_on_real_images(shared_data_dir, mode):
+    paths = sorted((shared_data_dir / "covid19_collection" / "images").glob("*.jpg"))[:8]
+    assert len(paths) == 8
+    size = {"shortest_edge": 256} if mode == "shortest_edge" else {"height": 256, "width": 256}
+    p = RefersImageProcessor(size=size, crop_size={"height": 224, "width": 224}, do_rescale=False, do_normalize=False)
+    shifted = 0
+    for path in paths:
+        got = p(path, do_convert_rgb=False, return_tensors="np")["pixel_values"][0, 0]
+        expected = _torchvision_reference(path, 256 if mode == "shortest_edge" else [256, 256], [224, 224])
+        np.testing.assert_array_equal(got, expected.astype(np.float32), err_msg=str(path))
+        resized_h, resized_w = p.resize(np.array(Image.open(path).convert("L"))[None], p.size).shape[1:]
+        shifted += (round((resized_h - 224) / 2), round((resized_w - 224) / 2)) != (
+            (resized_h - 224) // 2, (resized_w - 224) // 2)
+    if mode == "shortest_edge":
+        # these images have odd margins whose half rounds up: a floored crop would be one pixel off there
+        assert shifted >= 1
+    else:
+        assert shifted == 0  # 256 - 224 = 32 is even: both roundings agree, the test above checks the resize
+
+
+def test_center_crop_pads_like_torchvision_when_the_image_is_smaller(covid_paths):
+    from torchvision.transforms import functional as TF
+
+    image = Image.open(covid_paths[1]).convert("L").resize((13, 11), Image.BILINEAR)
+    p = RefersImageProcessor(do_resize=False, crop_size={"height": 16, "width": 20}, do_rescale=False,
+                             do_normalize=False)
+    got = p(np.array(image), do_convert_rgb=False, return_tensors="np")["pixel_values"][0, 0]
+    np.testing.assert_array_equal(got, np.array(TF.center_crop(image, [16, 20])).astype(np.float32))
+
+
+def test_do_convert_rgb_false_keeps_the_channels_given(need_shared_data, covid_paths):
+    root = need_shared_data("nih_chestxray14_fullres/images/00000004_000.png",
+                            why="the one RGBA original of the NIH release")
+    rgba_path = root / "nih_chestxray14_fullres" / "images" / "00000004_000.png"
+    assert Image.open(rgba_path).mode == "RGBA"
+    p = RefersImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 56, "width": 56})
+    kept = p(rgba_path, do_convert_rgb=False, return_tensors="np")["pixel_values"]
+    converted = p(rgba_path, return_tensors="np")["pixel_values"]
+    assert kept.shape == (1, 4, 56, 56) and converted.shape == (1, 3, 56, 56)
+    # colour channels as with conversion (PIL drops alpha, no compositing); alpha resized and cropped alike
+    np.testing.assert_allclose(kept[0, :3], converted[0], rtol=0, atol=1e-6)
+    alpha = np.array(Image.open(rgba_path).getchannel("A").resize((64, 64), Image.BILINEAR))[4:60, 4:60]
+    np.testing.assert_allclose(kept[0, 3], to_unit(alpha), rtol=0, atol=1e-6)
+    # the same through a PIL image and an (H, W, 4) array; fetch_images keeps alpha for the pipeline path
+    rgba = np.array(Image.open(rgba_path))
+    for same in (Image.open(rgba_path), rgba, p.fetch_images(str(rgba_path))):
+        np.testing.assert_array_equal(p(same, do_convert_rgb=False, return_tensors="np")["pixel_values"], kept)
+
+    # RGB stays 3 channels (not turned into luma), each channel processed like that grey image alone
+    greys = [np.array(Image.open(path).convert("L").resize((40, 40))) for path in covid_paths[:3]]
+    rgb_out = p(np.stack(greys, axis=-1), do_convert_rgb=False, return_tensors="np")["pixel_values"]
+    assert rgb_out.shape == (1, 3, 56, 56)
+    for channel, grey in enumerate(greys):
+        alone = p(grey, do_convert_rgb=False, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(rgb_out[0, channel], alone[0, 0], rtol=0, atol=1e-6)
+    # grey stays 1 channel
+    assert p(greys[0], do_convert_rgb=False, return_tensors="np")["pixel_values"].shape == (1, 1, 56, 56)
+
+    # per-channel statistics that do not fit 4 channels are refused, naming the argument
+    with pytest.raises(ValueError, match="image_mean has 3 values .* 4 channels"):
+        p(rgba_path, do_convert_rgb=False, image_mean=[0.485, 0.456, 0.406])
+    four = p(rgba_path, do_convert_rgb=False, image_mean=[0.1, 0.2, 0.3, 0.4], image_std=[1.0, 1.0, 1.0, 1.0],
+             return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(four[0, 3], alpha / 255.0 - 0.4, rtol=0, atol=1e-6)
+
+
+def test_kwargs_class_follows_the_transformers_naming():
+    from modeling_refers import image_processing_refers as module
+
+    assert RefersImageProcessor.valid_kwargs is module.RefersImageProcessorKwargs
+    assert module.RefersImagesKwargs is module.RefersImageProcessorKwargs  # old name kept for imports
+    assert "do_train_augment" in module.RefersImageProcessorKwargs.__annotations__
 
 
 # ----------------------------------------------------------------------------- determinism and randomness
