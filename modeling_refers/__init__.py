@@ -28,7 +28,11 @@ AutoConfig.register("refers", RefersConfig, exist_ok=True)
 AutoModel.register(RefersConfig, RefersModel, exist_ok=True)
 AutoModelForImageClassification.register(RefersConfig, RefersForImageClassification, exist_ok=True)
 AutoModelForPreTraining.register(RefersConfig, RefersForPreTraining, exist_ok=True)
-AutoImageProcessor.register(RefersConfig, image_processor_classes={"pil": RefersImageProcessor}, exist_ok=True)
+# One PIL-backend class serves both backends, so a request for the (default) torchvision backend finds it directly.
+AutoImageProcessor.register(
+    RefersConfig, image_processor_classes={"pil": RefersImageProcessor, "torchvision": RefersImageProcessor},
+    exist_ok=True,
+)
 AutoProcessor.register(RefersConfig, RefersProcessor, exist_ok=True)
 
 # A folder written by save_pretrained carries `auto_map` and the modeling files, so it loads with

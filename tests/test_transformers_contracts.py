@@ -317,3 +317,46 @@ def test_checked_loading_shows_one_summary_not_the_key_table(tmp_path, caplog):
     summary = [r.getMessage() for r in caplog.records if "RefersForImageClassification from" in r.getMessage()]
     assert len(summary) == 1 and "text_encoder" in summary[0]
     assert report.dropped_by_module()["text_encoder"] > 10
+
+
+def test_image_classification_pipeline_runs_without_prompt_and_gives_sigmoid_scores(tmp_path, shared_data_dir):
+    """`pipeline("image-classification", model=folder)` after `import modeling_refers`, stdin closed: no custom-code
+    prompt (the saved auto_map must not make AutoVideoProcessor ask), no torchvision-backend message, and for a
+    multi-label fine-tuned folder the scores are the sigmoid of the model's logits."""
+    from modeling_refers import RefersImageProcessor
+
+    labels = ["Atelectasis", "Cardiomegaly", "Effusion"]
+    config = tiny(num_labels=3, problem_type="multi_label_classification",
+                  id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    RefersForImageClassification(config).save_pretrained(tmp_path / "clf")
+    RefersImageProcessor(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clf")
+    image = sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[0]
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        import modeling_refers
+        from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+        folder, image = {str(tmp_path / "clf")!r}, {str(image)!r}
+        classify = pipeline("image-classification", model=folder, top_k=None)
+        got = {{row["label"]: row["score"] for row in classify(image)}}
+        model = AutoModelForImageClassification.from_pretrained(folder).eval()
+        inputs = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt")
+        with torch.no_grad():
+            expected = torch.sigmoid(model(**inputs).logits)[0].tolist()
+        print("SCORES", json.dumps({{"got": got, "expected": expected}}))
+        """
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    assert "Do you wish to run the custom code" not in output
+    assert "Requested torchvision backend is not available" not in output
+    scores = json.loads(output.split("SCORES ", 1)[1].splitlines()[0])
+    assert sorted(scores["got"]) == sorted(labels)
+    for index, name in enumerate(labels):
+        assert scores["got"][name] == pytest.approx(scores["expected"][index], abs=1e-6)
+    # sigmoid, not softmax: independent per-label scores that need not sum to one
+    assert sum(scores["got"].values()) != pytest.approx(1.0, abs=1e-3)
