@@ -37,6 +37,7 @@ from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, se
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from modeling_refers.training_refers import (  # noqa: E402
+    RESIZE_MODES,
     ImageLabelCollator,
     RefersTrainer,
     processor_sizes,
@@ -92,6 +93,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_predict_samples: int | None = field(default=None)
+    resize: str = field(default="square", metadata={
+        "help": "'square' resizes to 256 x 256 (the paper), 'shortest_edge' keeps the aspect ratio (the official "
+                "fine-tuning code's transforms.Resize); then the 224 crop (sizes scale with image_size)."})
     start_fresh: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in --output_dir and start again. "
                                          "Without it, a run in a folder that holds checkpoints of a run with other "
@@ -242,6 +246,7 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
         "data_dir": os.path.abspath(data_dir),
         "split_dir": os.path.abspath(split_dir) if split_dir else None,
         "label_ratio": data_args.label_ratio,
+        "resize": data_args.resize,
         "label_ids_path": os.path.abspath(data_args.label_ids_path) if data_args.label_ids_path else None,
         "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
         "num_train_images": len(train_set),
@@ -353,6 +358,8 @@ def main(argv=None) -> dict:
     # Inputs first: nothing is written into --output_dir before they are known good.
     if not 0.0 < data_args.label_ratio <= 1.0:
         raise ValueError(f"--label_ratio must be in (0, 1], got {data_args.label_ratio}")
+    if data_args.resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
     if data_args.dataset_name not in TARGET_DATASETS:
         raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}; valid: {', '.join(sorted(TARGET_DATASETS))}")
     spec = TARGET_DATASETS[data_args.dataset_name]
@@ -403,7 +410,7 @@ def main(argv=None) -> dict:
     if not data_args.label_ids_path and training_args.should_save:
         write_label_ids(ids_path, train_set, full_train, data_args.label_ratio, training_args.seed)
 
-    image_processor = RefersImageProcessor(**processor_sizes(model.config.image_size))
+    image_processor = RefersImageProcessor(**processor_sizes(model.config.image_size, data_args.resize))
     trainer = RefersTrainer(
         model=model,
         args=training_args,

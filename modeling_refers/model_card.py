@@ -36,6 +36,11 @@ DATASET_DISPLAY_NAMES = {
     "covid19_collection": "COVID-19 Image Data Collection",
     "covid19": "COVID-19 Image Data Collection (COVID-19 vs other)",
     "covid19_viral_bacterial": "COVID-19 Image Data Collection (viral vs bacterial)",
+    # pretraining (source) data: studies with their free-text reports
+    "mimic_cxr": "MIMIC-CXR",
+    "iu_xray": "IU X-ray (Open-i)",
+    "covid19_studies": "COVID-19 Image Data Collection studies (clinical notes as reports)",
+    "study_folder": "a folder of studies with reports",
 }
 
 REFERS_CITATION = """\
@@ -341,8 +346,8 @@ def _body(
 
     out += ["", "## Limitations", ""]
     out += [
-        "- REFERS pretraining reports come from one US hospital system (MIMIC-CXR, Beth Israel Deaconess Medical "
-        "Center); performance can drop on other scanners, populations, age groups and acquisition protocols.",
+        "- The encoder has only seen its pretraining data (see Training data), usually one hospital system or "
+        "collection; performance can drop on other scanners, populations, age groups and acquisition protocols.",
         "- Target labels of public chest X-ray sets (e.g. NIH ChestX-ray14) are mined from reports by NLP and are "
         "noisy; AUCs measured against them inherit that noise.",
         "- AUC on small test splits has wide confidence intervals, and a class with no positive (or no negative) "

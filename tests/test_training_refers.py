@@ -1,0 +1,155 @@
+"""The shared training glue (`modeling_refers.training_refers`): the recipes' parameter groups and Lookahead, the
+left/right swap reaching a separate decoder tokenizer, the processor sizes of each resize mode."""
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from datasets_scripts import load_source_dataset
+from modeling_refers import (
+    RefersConfig,
+    RefersForPreTraining,
+    RefersImageProcessor,
+    RefersProcessor,
+    train_report_tokenizer,
+)
+from modeling_refers.processing_refers import swap_left_right
+from modeling_refers.training_refers import (
+    PRETRAINING_RECIPES,
+    RefersTrainer,
+    StudyReportCollator,
+    processor_sizes,
+)
+
+VOCAB, BOS, EOS, PAD = 64, 2, 3, 0
+
+
+def tiny_model() -> RefersForPreTraining:
+    torch.manual_seed(0)
+    return RefersForPreTraining(RefersConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, view_fusion_hidden_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+        decoder_intermediate_size=64, decoder_dropout_prob=0.0, max_report_length=16, bos_token_id=BOS,
+        eos_token_id=EOS, pad_token_id=PAD))
+
+
+@pytest.fixture
+def batch(radiographs):
+    pixel_values = radiographs(6, size=32).reshape(2, 3, 3, 32, 32)
+    input_ids = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    input_ids[:, 0], input_ids[:, -1] = BOS, EOS
+    return dict(pixel_values=pixel_values, view_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids), labels=input_ids.clone())
+
+
+def trainer_for(model, tmp_path, recipe: str) -> RefersTrainer:
+    """A RefersTrainer wired as `run_pretrain.py --recipe <recipe>` wires it (backbone 3e-3, BERT 3e-4)."""
+    args = TrainingArguments(output_dir=str(tmp_path / recipe), learning_rate=3e-3, weight_decay=1e-4, use_cpu=True,
+                             report_to="none")
+    settings = PRETRAINING_RECIPES[recipe]
+    decoder_lr = 3e-3 if settings["decoder_learning_rate"] == "backbone" else 3e-4
+    return RefersTrainer(model=model, args=args, text_learning_rate=3e-4, decoder_learning_rate=decoder_lr,
+                         lookahead_steps=settings["lookahead_steps"], lookahead_alpha=settings["lookahead_alpha"])
+
+
+@pytest.mark.parametrize("recipe", ["paper", "official"])
+def test_recipe_parameter_groups(tmp_path, recipe):
+    model = tiny_model()
+    optimizer = trainer_for(model, tmp_path, recipe).create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert set(lr_of) == set(names.values())  # every trainable parameter is in exactly one group
+    for name, lr in lr_of.items():
+        if name.startswith(("text_encoder.", "text_projection.")):
+            expected = 3e-4  # BERT and its projection: 3e-4 in both (the official code's `contrastive_bert`)
+        elif name.startswith("report_decoder."):
+            expected = 3e-4 if recipe == "paper" else 3e-3  # the paper's text vs the released code
+        else:
+            expected = 3e-3
+        assert lr == expected, (recipe, name)
+    from timm.optim import Lookahead
+
+    if recipe == "official":
+        assert isinstance(optimizer, Lookahead)
+        assert {(g["lookahead_k"], g["lookahead_alpha"]) for g in optimizer.param_groups} == {(5, 0.5)}
+        assert isinstance(optimizer._base_optimizer, torch.optim.SGD)
+    else:
+        assert type(optimizer) is torch.optim.SGD
+
+
+def test_lookahead_pulls_back_half_way_to_the_initial_weights_every_5_steps(tmp_path, batch):
+    """Lookahead (k 5, alpha 0.5), the official code's: steps 1-4 are plain SGD; at step 5 the weights become
+    initial + 0.5 * (fast - initial). timm's default would start the slow weights at step 5 (no pull-back)."""
+    reference = tiny_model()
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    looked = copy.deepcopy(reference)
+    plain_opt = trainer_for(reference, tmp_path, "paper")
+    plain_opt.decoder_learning_rate = 3e-3  # the same groups as the official recipe, without Lookahead
+    plain = plain_opt.create_optimizer()
+    ahead = trainer_for(looked, tmp_path, "official").create_optimizer()
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    for index in range(1, 6):
+        step(reference, plain)
+        step(looked, ahead)
+        fast = dict(reference.named_parameters())
+        for name, param in looked.named_parameters():
+            if index < 5:
+                torch.testing.assert_close(param, fast[name], rtol=0, atol=0, msg=f"step {index}: {name}")
+            else:
+                expected = initial[name] + 0.5 * (fast[name] - initial[name])
+                torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7, msg=name)
+    moved = [n for n, p in reference.named_parameters() if not torch.equal(p, initial[n])]
+    assert len(moved) > 10  # the check above compared weights that did change
+
+
+@pytest.fixture(scope="module")
+def studies_with_sides(shared_data_dir):
+    """Real COVID-19-collection studies whose clinical notes say "left" or "right"."""
+    train = load_source_dataset("covid19_studies", shared_data_dir / "covid19_collection")["train"]
+    rows = [row for row in train if swap_left_right(row["report"]) != row["report"]][:4]
+    assert len(rows) == 4
+    return rows, list(train["report"])
+
+
+@pytest.mark.parametrize("flip_probability", [1.0, 0.0])
+def test_left_right_swap_reaches_a_separate_decoder_tokenizer(studies_with_sides, flip_probability):
+    rows, all_reports = studies_with_sides
+    decoder_tokenizer = train_report_tokenizer(all_reports, vocab_size=300)
+    text_tokenizer = train_report_tokenizer(all_reports, vocab_size=200)
+    image_processor = RefersImageProcessor(**processor_sizes(32), flip_probability=flip_probability)
+    processor = RefersProcessor(image_processor, text_tokenizer, num_views=2, max_length=64)
+    collate = StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer)
+    batch = collate(rows)
+
+    reports = [row["report"] for row in rows]
+    seen = [swap_left_right(r) for r in reports] if flip_probability == 1.0 else reports
+    expected = decoder_tokenizer(seen, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    assert torch.equal(batch["decoder_input_ids"], expected["input_ids"])
+    assert torch.equal(batch["labels"], expected["input_ids"].masked_fill(expected["attention_mask"] == 0, -100))
+    unswapped = decoder_tokenizer(reports, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    # the two tokenizations differ, so the comparison above tells a swapped report from an unswapped one
+    assert (batch["decoder_input_ids"].shape == unswapped["input_ids"].shape
+            and torch.equal(batch["decoder_input_ids"], unswapped["input_ids"])) == (flip_probability == 0.0)
+    # the text encoder's tokens are swapped alike (the processor's own swap)
+    text_expected = text_tokenizer(seen, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], text_expected["input_ids"])
+    assert "flipped" not in batch
+
+
+def test_processor_sizes_per_resize_mode():
+    assert processor_sizes(224) == {"size": {"height": 256, "width": 256}, "crop_size": {"height": 224, "width": 224}}
+    # 112 * 256 / 224 = 128: the paper's ratio at any size
+    assert processor_sizes(112, "shortest_edge") == {"size": {"shortest_edge": 128},
+                                                     "crop_size": {"height": 112, "width": 112}}
+    with pytest.raises(ValueError, match="resize must be one of"):
+        processor_sizes(224, "crop")
