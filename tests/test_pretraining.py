@@ -328,3 +328,55 @@ def test_pretraining_config_validation():
     assert (config.contrastive_temperature, config.contrastive_study_to_report_weight) == (0.1, 0.75)
     assert config.contrastive_dim == 3 * 768 and config.text_config.model_type == "bert"
     assert math.isclose(config.get_decoder_config().hidden_dropout_prob, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decoder's memory and causality (each once broken on purpose without any test noticing)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_softmax_fusion_weights_the_decoder_memory_by_the_view_weights(batch):
+    """The decoder attends to the views' patch tokens, each view's scaled by its softmax fusion weight (masked
+    views: zeros, and masked out). Reference: every view run alone through the backbone, scaled by hand."""
+    torch.manual_seed(3)
+    model = RefersForPreTraining(tiny_pretraining_config(view_fusion="softmax")).eval()
+    seen = {}
+    model.report_decoder.memory_projection.register_forward_hook(lambda m, args, out: seen.update(memory=args[0]))
+    with torch.no_grad():
+        out = model(**batch)
+        tokens = model.refers.forward_features(batch["pixel_values"].flatten(0, 1))[:, 1:]  # each view alone
+    weights = out.view_weights
+    num_patches, width = tokens.shape[1:]
+    tokens = tokens.reshape(2, 3, num_patches, width)
+    expected = (weights[:, :, None, None] * tokens * batch["view_mask"][:, :, None, None]).reshape(2, -1, width)
+    torch.testing.assert_close(seen["memory"], expected, rtol=1e-5, atol=1e-6)
+    # the weights are a softmax over the real views, not uniform: the check above tells weighted from unweighted
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2))
+    assert weights[1, 2] == 0 and (weights[0] - 1 / 3).abs().max() > 1e-4
+    # and the masked view's tokens are excluded from cross-attention
+    mask = RefersModel.forward(model.refers, batch["pixel_values"], batch["view_mask"]).study_attention_mask
+    assert mask[1].reshape(3, num_patches).tolist() == [[1] * num_patches, [1] * num_patches, [0] * num_patches]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_report_decoder_with_two_layers_is_causal(batch, attn_implementation):
+    """Changing token t + 1 never changes the logits at positions <= t, and does change those after it."""
+    torch.manual_seed(4)
+    config = tiny_pretraining_config(decoder_num_hidden_layers=2)
+    config._attn_implementation = attn_implementation
+    model = RefersForPreTraining(config).eval()
+    assert len(model.report_decoder.decoder.bert.encoder.layer) == 2
+    ids = batch["labels"][:1].clone()
+    ids[ids == -100] = PAD
+    ids = ids[:, :10]
+    studies = dict(pixel_values=batch["pixel_values"][:1], view_mask=batch["view_mask"][:1])
+    with torch.no_grad():
+        base = model(**studies, decoder_input_ids=ids, decoder_attention_mask=torch.ones_like(ids)).report_logits
+        for t in range(ids.shape[1] - 1):
+            changed = ids.clone()
+            changed[0, t + 1] = (changed[0, t + 1] + 7) % VOCAB
+            logits = model(**studies, decoder_input_ids=changed,
+                           decoder_attention_mask=torch.ones_like(ids)).report_logits
+            torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5,
+                                       msg=f"token {t + 1} changed the logits before it")
+            assert (logits[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4
