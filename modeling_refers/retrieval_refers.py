@@ -39,20 +39,27 @@ class RefersRetrievalOutput(ModelOutput):
     metrics: dict | None = None
 
 
+def study_embeddings(model, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`(B, projection_dim)` L2-normalised study embeddings (`get_study_features`) of studies `(B, V, C, H, W)`.
+    Without view fusion (one row per real view), a study's embedding is the mean of its views' normalised ones."""
+    features = model.get_study_features(pixel_values, view_mask).pooler_output
+    batch_size = pixel_values.shape[0]
+    if features.shape[0] != batch_size:  # use_view_fusion=False: rows are the real views, in order
+        per_view = torch.nn.functional.normalize(features, dim=-1)
+        counts = (view_mask.sum(dim=1) if view_mask is not None else
+                  torch.full((batch_size,), pixel_values.shape[1])).tolist()
+        features = torch.stack([chunk.mean(dim=0) for chunk in per_view.split(counts)])
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
 @torch.no_grad()
 def encode_studies(model, processor, studies: Sequence[Sequence[Any]], batch_size: int = 16) -> torch.Tensor:
-    """`(N, projection_dim)` L2-normalised study embeddings (`get_study_features`) of N studies (lists of views).
-    Without view fusion (one row per view), a study's embedding is the mean of its views' normalised embeddings."""
+    """`(N, projection_dim)` L2-normalised study embeddings of N studies (lists of views), see `study_embeddings`."""
     out = []
     for batch in batches(list(studies), batch_size, "Encoding studies"):
         inputs = processor(images=batch, do_train_augment=False, return_tensors="pt")
-        features = model.get_study_features(inputs["pixel_values"], inputs["view_mask"]).pooler_output
-        if features.shape[0] != len(batch):  # use_view_fusion=False: rows are the real views, in order
-            per_view = torch.nn.functional.normalize(features, dim=-1)
-            counts = inputs["view_mask"].sum(dim=1).tolist()
-            features = torch.stack([chunk.mean(dim=0) for chunk in per_view.split(counts)])
-        out.append(features)
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        out.append(study_embeddings(model, inputs["pixel_values"], inputs["view_mask"]))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -155,5 +162,5 @@ def retrieval_examples_png(
     return save_figure(fig, path)
 
 
-__all__ = ["RefersRetrievalOutput", "encode_reports", "encode_studies", "retrieval_examples_png", "retrieve",
+__all__ = ["RefersRetrievalOutput", "encode_reports", "encode_studies", "study_embeddings", "retrieval_examples_png", "retrieve",
            "same_text_relevance", "similarity_png", "top_k"]
