@@ -164,7 +164,14 @@ def test_the_checkpoint_with_the_lowest_validation_loss_is_kept(tmp_path, shared
 
 def test_the_pretraining_card_says_what_was_trained_on_without_local_paths(tmp_path, shared_data_dir,
                                                                               run_pretrain):
-    run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "2"))
+    trainer = run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "2",
+                                       "--gradient_checkpointing"))
+    # --gradient_checkpointing (the Trainer's flag) reaches the radiograph transformer, the decoder and BERT
+    flags = {}
+    for name, module in trainer.model.named_modules():
+        if hasattr(module, "gradient_checkpointing") and name:
+            flags.setdefault(name.split(".")[0], set()).add(module.gradient_checkpointing)
+    assert flags == {"refers": {True}, "report_decoder": {True}, "text_encoder": {True}}
     card = (tmp_path / "run" / "README.md").read_text()
     assert "COVID-19 Image Data Collection studies (clinical notes as reports)" in card
     assert "MIMIC" not in card  # the default data set is the COVID notes, not MIMIC-CXR

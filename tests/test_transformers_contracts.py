@@ -360,3 +360,42 @@ def test_image_classification_pipeline_runs_without_prompt_and_gives_sigmoid_sco
         assert scores["got"][name] == pytest.approx(scores["expected"][index], abs=1e-6)
     # sigmoid, not softmax: independent per-label scores that need not sum to one
     assert sum(scores["got"].values()) != pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing (`--gradient_checkpointing` in the scripts: the Trainer calls gradient_checkpointing_enable)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_gradients(batch):
+    """Radiograph transformer, report decoder and text encoder layers are recomputed in backward (each layer's
+    forward runs twice), and the gradients equal those without checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    torch.manual_seed(0)
+    model = RefersForPreTraining(tiny()).train()  # dropout is 0 in the tiny config: both runs are deterministic
+
+    def run(checkpointing: bool):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()  # the Trainer's names (5.x also has activation_checkpointing_*)
+        calls = {}
+        # transformers checkpoints a layer's `forward` (its own hooks stay outside): count its attention's calls
+        hooks = [module.attention.register_forward_hook(
+                     lambda m, a, o, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+                 for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)]
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for hook in hooks:
+            hook.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
+
+    plain, plain_calls = run(False)
+    checkpointed, checkpointed_calls = run(True)
+    groups = {name.split(".")[0] for name in checkpointed_calls}
+    assert {"refers", "report_decoder", "text_encoder"} <= groups
+    assert set(plain_calls.values()) == {1} and set(checkpointed_calls.values()) == {2}
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
