@@ -86,6 +86,10 @@ class RefersConfig(PreTrainedConfig):
         contrastive_temperature (`float`, defaults to 0.1): InfoNCE temperature tau.
         contrastive_study_to_report_weight (`float`, defaults to 0.75): lambda; the report-to-study direction gets
             `1 - lambda`. Both directions get gradients (the official code's `.item()` drops one; not reproduced).
+        contrastive_global_negatives (`bool`, defaults to `True`): with several processes (DDP / accelerate), InfoNCE
+            scores each process's studies and reports against the whole global batch (embeddings all-gathered with
+            gradient, as open_clip does), so 8 x 32 studies see 255 negatives, not 31. One process: no effect. The
+            official code used each device's own negatives: set `False` to reproduce it.
         use_study_projection (`bool`, defaults to `False`): pass the study feature v_k through a learned
             `study_projection` before InfoNCE. Off by default: the paper scores cos(v_k, t_k) and the official code
             projects only the text side (BERT pooler -> Linear(768 -> V x 768)); then `projection_dim` must be the
@@ -135,6 +139,7 @@ class RefersConfig(PreTrainedConfig):
     projection_dim: int | None = None
     contrastive_temperature: float = 0.1
     contrastive_study_to_report_weight: float = 0.75
+    contrastive_global_negatives: bool = True
     use_study_projection: bool = False
     decoder_config: dict | PreTrainedConfig | None = None
     pad_token_id: int | None = 0

@@ -581,28 +581,70 @@ class RefersForPreTrainingOutput(ModelOutput):
     text_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def _distributed_world_size() -> int:
+    """Processes of the default group (1 without torch.distributed, and while tracing for export / compile)."""
+    if _is_traced() or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def gather_rows_across_processes(tensor: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """All-gather the rows `(n_r, ...)` of every process into `(sum n_r, ...)` in rank order; ranks may hold
+    different n_r (the last batch). With `with_grad`, autograd's all-gather sends every rank the gradient that all
+    processes' losses put on its own rows. Returns `(gathered, offset of this rank's rows)`."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padding = [0, 0] * (tensor.ndim - 1) + [0, max(counts) - tensor.shape[0]]
+    padded = nn.functional.pad(tensor, padding)
+    if with_grad:
+        parts = all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(parts, padded.contiguous())
+    gathered = torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return gathered, sum(counts[:rank])
+
+
 def study_report_contrastive_loss(
     study_embeds: torch.Tensor,
     report_embeds: torch.Tensor,
     temperature: float,
     study_to_report_weight: float,
     report_index: torch.Tensor | None = None,
+    global_negatives: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """InfoNCE with cosine similarity over the mini-batch, in both directions, both with gradients.
 
     `study_embeds` `(n, p)`, `report_embeds` `(b, p)`; `report_index` `(n,)` names the report of each study (default:
     study i goes with report i). A report shared by several studies/views has them all as positives (uniform soft
-    target). Returns `(loss, loss_study_to_report, loss_report_to_study, logits_per_study)`.
+    target). With `global_negatives` and several processes, this process's studies are scored against every
+    process's reports and its reports against every study (all-gathered with gradient): with DistributedDataParallel's
+    gradient averaging, W processes x batch b give the loss and gradients of one process with batch W x b. Returns
+    `(loss, loss_study_to_report, loss_report_to_study, logits_per_study)`; `logits_per_study` is `(n, b)`, or
+    `(n, global b)` with global negatives.
     """
     study = nn.functional.normalize(study_embeds, dim=-1)
     report = nn.functional.normalize(report_embeds, dim=-1)
-    logits_per_study = study @ report.T / temperature
     if report_index is None:
         report_index = torch.arange(study.shape[0], device=study.device)
-    loss_study_to_report = nn.functional.cross_entropy(logits_per_study, report_index)
-    positives = nn.functional.one_hot(report_index, report.shape[0]).T.to(logits_per_study.dtype)
+    all_study, all_report, all_report_index, report_offset = study, report, report_index, 0
+    if global_negatives and _distributed_world_size() > 1:
+        all_study, _ = gather_rows_across_processes(study)
+        all_report, report_offset = gather_rows_across_processes(report)
+        all_report_index, _ = gather_rows_across_processes(report_index + report_offset, with_grad=False)
+    logits_per_study = study @ all_report.T / temperature
+    loss_study_to_report = nn.functional.cross_entropy(logits_per_study, report_index + report_offset)
+    own_reports = torch.arange(report.shape[0], device=report.device) + report_offset
+    positives = (all_report_index[None, :] == own_reports[:, None]).to(logits_per_study.dtype)  # (b, all studies)
+    logits_per_report = report @ all_study.T / temperature
     loss_report_to_study = nn.functional.cross_entropy(
-        logits_per_study.T, positives / positives.sum(dim=1, keepdim=True)
+        logits_per_report, positives / positives.sum(dim=1, keepdim=True)
     )
     loss = study_to_report_weight * loss_study_to_report + (1.0 - study_to_report_weight) * loss_report_to_study
     return loss, loss_study_to_report, loss_report_to_study, logits_per_study
@@ -810,6 +852,7 @@ class RefersForPreTraining(RefersPreTrainedModel):
                 self.config.contrastive_temperature,
                 self.config.contrastive_study_to_report_weight,
                 report_index,
+                global_negatives=self.config.contrastive_global_negatives,
             )
 
         parts = [part for part in (loss_report, loss_contrast) if part is not None]
