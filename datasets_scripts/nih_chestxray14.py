@@ -21,15 +21,22 @@ the shared 1,000-image sample that are in the lists, 274 label vectors agree wit
 order (the one difference, 00000150_002.png, has Pneumonia added by the 2020 relabelling), while the
 alphabetical order disagrees on 139 of them. The lists are used for membership only; labels come from
 Data_Entry (disagreements with the lists are counted in a log warning).
+
+Boxes: `BBox_List_2017.csv` (NIH's 984 radiologist boxes on 880 images, 8 findings, `x, y, w, h` in pixels of the
+1024 x 1024 PNGs; the table says "Infiltrate" for the label "Infiltration") is read by `load_nih_bounding_boxes`,
+which scales every box to the pixels of the image file at hand (x 64/1024 for the 64-px sample), and
+`load_nih_chestxray14(..., with_boxes=True)` adds them as a `boxes` column (empty for images without boxes).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
 
-from datasets import DatasetDict
+import PIL.Image
+from datasets import DatasetDict, List, Value
 
 from .common import (
     InvalidDataError,
@@ -59,6 +66,11 @@ NIH_SPLIT_FILE_LABEL_ORDER = (
 NO_FINDING = "No Finding"
 DEFAULT_SPLIT_DIR = "nih_chestxray14"
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+BBOX_FILE = "BBox_List_2017.csv"
+BBOX_FRAME_SIZE = 1024  # the box table's coordinates are pixels of the 1024 x 1024 PNG release
+BBOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}  # box-table name -> NIH_LABEL_NAMES
+BOX_FEATURE = List({"label": Value("string"), "x_min": Value("float32"), "y_min": Value("float32"),
+                    "x_max": Value("float32"), "y_max": Value("float32")})
 
 
 def index_images(data_dir: Path) -> dict[str, Path]:
@@ -101,6 +113,63 @@ def _read_name_list(path: Path) -> list[str]:
     return [line.strip().rsplit("/", 1)[-1] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def load_nih_bounding_boxes(
+    data_dir: str | os.PathLike, bbox_file: str | os.PathLike | None = None, only_present: bool = True,
+) -> dict[str, list[dict]]:
+    """`{image name: [{"label", "x_min", "y_min", "x_max", "y_max"}, ...]}` from NIH's `BBox_List_2017.csv`.
+
+    Coordinates are pixels of the image file found in `data_dir` (the table's 1024-px coordinates times
+    `width / 1024` and `height / 1024` of that file), `x_max = x + w`, `y_max = y + h`; labels are
+    `NIH_LABEL_NAMES` names. With `only_present` (default) images not in `data_dir` are left out (and counted in
+    the log); otherwise they are kept in the 1024-px frame. A malformed row raises InvalidDataError naming the file
+    and the row.
+    """
+    data_dir = Path(data_dir).absolute()
+    path = Path(bbox_file) if bbox_file is not None else data_dir / BBOX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: NIH box table not found; expected {BBOX_FILE} (columns Image Index, Finding "
+                                "Label, Bbox [x,y,w,h]) from the NIH ChestX-ray14 release")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["Image Index", "Finding Label"]:
+        raise InvalidDataError(f"{path}: header must start with 'Image Index,Finding Label,Bbox [x,y,w,h]', "
+                               f"found {rows[0][:3] if rows else 'an empty file'}")
+    images = index_images(data_dir)
+    boxes: dict[str, list[dict]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    absent = 0
+    for row_no, row in enumerate(rows[1:], start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path}, row {row_no}"
+        name, label = row[0].strip(), BBOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip()) if len(row) > 1 else ""
+        if label not in NIH_LABEL_NAMES:
+            raise InvalidDataError(f"{where}: unknown finding {label!r} (expected one of {list(NIH_LABEL_NAMES)} or "
+                                   f"{list(BBOX_LABEL_ALIASES)})")
+        try:
+            x, y, w, h = (float(v) for v in row[2:6])
+        except ValueError:
+            raise InvalidDataError(f"{where}: expected four numbers x, y, w, h after the label, got {row[2:6]}") from None
+        if w <= 0 or h <= 0:
+            raise InvalidDataError(f"{where}: box width and height must be positive, got w={w}, h={h}")
+        if name not in images:
+            absent += 1
+            if only_present:
+                continue
+            sx = sy = 1.0
+        else:
+            if name not in sizes:
+                with PIL.Image.open(images[name]) as image:
+                    sizes[name] = image.size
+            sx, sy = sizes[name][0] / BBOX_FRAME_SIZE, sizes[name][1] / BBOX_FRAME_SIZE
+        boxes.setdefault(name, []).append(
+            {"label": label, "x_min": x * sx, "y_min": y * sy, "x_max": (x + w) * sx, "y_max": (y + h) * sy})
+    if absent:
+        logger.info("nih_chestxray14: %d of %d boxes are on images not in %s%s", absent, len(rows) - 1, data_dir,
+                    " (left out)" if only_present else " (kept in the 1024-px frame)")
+    return boxes
+
+
 def load_nih_chestxray14(
     data_dir: str | os.PathLike,
     split_dir: str | os.PathLike | None = None,
@@ -109,9 +178,13 @@ def load_nih_chestxray14(
     split_seed: int = 0,
     skip_invalid: bool = False,
     verify_images: bool = True,
+    with_boxes: bool = False,
+    bbox_file: str | os.PathLike | None = None,
 ) -> DatasetDict:
     """NIH ChestX-ray14 as a DatasetDict (train/validation/test) of `image_id`, `patient_id`, `image`,
-    `labels` (float32 x 14, NIH_LABEL_NAMES order). See the module docstring for layout and splits."""
+    `labels` (float32 x 14, NIH_LABEL_NAMES order), and with `with_boxes` a `boxes` column (see
+    `load_nih_bounding_boxes`; reads `bbox_file`, default `<data_dir>/BBox_List_2017.csv`). See the module
+    docstring."""
     if split not in {"refers", "official"}:
         raise ValueError(f"split must be 'refers' or 'official', got {split!r}")
     data_dir = Path(data_dir).absolute()
@@ -166,7 +239,13 @@ def load_nih_chestxray14(
         n_unlisted = sum(s is None for s in splits)
         if n_unlisted:
             logger.warning("nih_chestxray14: %d images are in neither official list; left out", n_unlisted)
-    dataset = build_dataset_dict(rows, splits, multi_label_features(NIH_LABEL_NAMES))
+    features = multi_label_features(NIH_LABEL_NAMES)
+    if with_boxes:
+        boxes = load_nih_bounding_boxes(data_dir, bbox_file)
+        for row in rows:
+            row["boxes"] = boxes.get(row["image_id"], [])
+        features["boxes"] = BOX_FEATURE
+    dataset = build_dataset_dict(rows, splits, features)
     logger.info("nih_chestxray14 (%s split): %s", split, {k: len(v) for k, v in dataset.items()})
     warn_missing_positives(dataset, NIH_LABEL_NAMES, "nih_chestxray14")
     return dataset

@@ -29,6 +29,12 @@ on image id; images not listed (and all images when there are no lists) get a se
 
 DICOM: converted once to 8-bit PNG in `converted_dir` (see `dicom_to_uint8`), written atomically and
 reused while newer than the DICOM; `datasets.Image()` then decodes the PNG lazily.
+
+Boxes: `boxes_from_table` reads every radiologist's box (`x_min, y_min, x_max, y_max`, pixels of the original
+image) per image; `load_vinbigdata(..., with_boxes=True)` adds them as a `boxes` column of `{label, rad_id, x_min,
+y_min, x_max, y_max}` (label in `VINBIGDATA_LABEL_NAMES`; "No finding" rows have no box), scaled to the PNG when a
+DICOM was shrunk by `dicom_max_size`. PNG/JPEG inputs are used as they are, so their boxes stay in train.csv's
+coordinates (the original DICOM's pixels).
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-from datasets import DatasetDict
+from datasets import DatasetDict, List, Value
 
 from modeling_refers.file_utils import atomic_open
 
 from .common import (
+    InvalidDataError,
     InvalidEntries,
     assign_splits,
     build_dataset_dict,
@@ -74,6 +81,9 @@ NO_FINDING = "No finding"
 DEFAULT_SPLIT_DIR = "vinbigdata"
 REQUIRED_COLUMNS = ("image_id", "class_name")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dicom", ".dcm")
+BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+BOX_FEATURE = List({"label": Value("string"), "rad_id": Value("string"), "x_min": Value("float32"),
+                    "y_min": Value("float32"), "x_max": Value("float32"), "y_max": Value("float32")})
 DICOM_EXTENSIONS = (".dicom", ".dcm")
 
 
@@ -159,6 +169,47 @@ def labels_from_boxes(table, table_path: Path, invalid: InvalidEntries) -> dict[
     return {k: v for k, v in labels.items() if k not in bad_images}
 
 
+def boxes_from_table(table, table_path: Path, invalid: InvalidEntries) -> dict[str, list[dict]]:
+    """`{image_id: [{"label", "rad_id", "x_min", "y_min", "x_max", "y_max"}, ...]}`: every radiologist's box of a
+    finding (in train.csv's pixel coordinates); "No finding" and unknown labels give none. A finding row without
+    four numbers, or with `x_max <= x_min` / `y_max <= y_min`, is an invalid entry (file and row named)."""
+    missing = [c for c in BOX_COLUMNS if c not in table.columns]
+    if missing:
+        raise InvalidDataError(f"{table_path}: boxes need the columns {list(BOX_COLUMNS)}; missing {missing}")
+    has_rad = "rad_id" in table.columns
+    boxes: dict[str, list[dict]] = {}
+    for row_no, record in enumerate(table.to_dict("records"), start=1):
+        name = record["class_name"].strip()
+        if name == NO_FINDING or name not in VINBIGDATA_CLASS_IDS:
+            continue
+        where = f"{table_path}, row {row_no}"
+        try:
+            x0, y0, x1, y1 = (float(record[c]) for c in BOX_COLUMNS)
+        except ValueError:
+            invalid("bad box", f"{where}: a {name!r} row needs numbers in {list(BOX_COLUMNS)}, got "
+                    f"{[record[c] for c in BOX_COLUMNS]}")
+            continue
+        if not (x1 > x0 and y1 > y0):
+            invalid("bad box", f"{where}: box ({x0}, {y0}, {x1}, {y1}) needs x_max > x_min and y_max > y_min")
+            continue
+        boxes.setdefault(record["image_id"].strip(), []).append(
+            {"label": name, "rad_id": record["rad_id"].strip() if has_rad else "", "x_min": x0, "y_min": y0,
+             "x_max": x1, "y_max": y1})
+    return boxes
+
+
+def _scale_boxes(boxes: list[dict], sx: float, sy: float) -> list[dict]:
+    return [dict(b, x_min=b["x_min"] * sx, x_max=b["x_max"] * sx, y_min=b["y_min"] * sy, y_max=b["y_max"] * sy)
+            for b in boxes]
+
+
+def _dicom_size(path: Path) -> tuple[int, int]:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return int(ds.Columns), int(ds.Rows)
+
+
 def load_vinbigdata(
     data_dir: str | os.PathLike,
     split_dir: str | os.PathLike | None = None,
@@ -168,15 +219,18 @@ def load_vinbigdata(
     split_seed: int = 0,
     skip_invalid: bool = False,
     verify_images: bool = True,
+    with_boxes: bool = False,
 ) -> DatasetDict:
     """VinBigData as a DatasetDict (train/validation/test) of `image_id`, `patient_id` (= image id), `image`,
-    `labels` (float32 x 14, VINBIGDATA_LABEL_NAMES order). See the module docstring."""
+    `labels` (float32 x 14, VINBIGDATA_LABEL_NAMES order), and with `with_boxes` the radiologists' `boxes`. See the
+    module docstring."""
     data_dir = Path(data_dir).absolute()
     table_path = data_dir / "train.csv"
     table = read_table(table_path, REQUIRED_COLUMNS)
     invalid = InvalidEntries("vinbigdata", skip_invalid)
     image_dir = Path(image_dir).absolute() if image_dir is not None else data_dir / "train"
     labels = labels_from_boxes(table, table_path, invalid)
+    boxes = boxes_from_table(table, table_path, invalid) if with_boxes else None
 
     first_row = {}
     for row_no, image_id in enumerate(table["image_id"].str.strip(), start=1):
@@ -213,8 +267,16 @@ def load_vinbigdata(
                 invalid("corrupt image", f"{sources[i]}: image file {rows[i]['image']} is corrupt ({err})")
                 ok[i] = False
             else:
+                if boxes is not None and dicom_max_size is not None and rows[i]["image_id"] in boxes:
+                    width, height = _dicom_size(rows[i]["image"])
+                    with PIL.Image.open(targets[i]) as png:
+                        sx, sy = png.width / width, png.height / height
+                    boxes[rows[i]["image_id"]] = _scale_boxes(boxes[rows[i]["image_id"]], sx, sy)
                 rows[i]["image"] = targets[i]
     rows = [dict(r, image=str(r["image"])) for r, good in zip(rows, ok) if good]
+    if boxes is not None:
+        for row in rows:
+            row["boxes"] = boxes.get(row["image_id"], [])
     invalid.log_summary()
 
     keys = [r["image_id"] for r in rows]
@@ -226,10 +288,14 @@ def load_vinbigdata(
     else:
         logger.info("vinbigdata: no split lists at %s; seeded 70/10/20 split", lists_dir)
     splits = assign_splits(keys, keys, listed, split_seed, "vinbigdata")
-    dataset = build_dataset_dict(rows, splits, multi_label_features(VINBIGDATA_LABEL_NAMES))
+    features = multi_label_features(VINBIGDATA_LABEL_NAMES)
+    if boxes is not None:
+        features["boxes"] = BOX_FEATURE
+    dataset = build_dataset_dict(rows, splits, features)
     logger.info("vinbigdata: %s", {k: len(v) for k, v in dataset.items()})
     warn_missing_positives(dataset, VINBIGDATA_LABEL_NAMES, "vinbigdata")
     return dataset
 
 
-__all__ = ["VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "dicom_to_uint8", "convert_dicom", "load_vinbigdata"]
+__all__ = ["VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "boxes_from_table", "dicom_to_uint8", "convert_dicom",
+           "load_vinbigdata"]
