@@ -357,6 +357,14 @@ def train_report_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # The trainer picks the same tokens in every process but numbers tokens of equal count in hash order, which
+    # differs from process to process: renumber them (specials, then single characters, then the rest, each sorted)
+    # so the same reports always give the same ids (several processes, reruns). WordPiece only uses the set.
+    trained = backend.get_vocab()
+    rest = sorted((t for t in trained if t not in REPORT_SPECIAL_TOKENS),
+                  key=lambda token: (len(token.removeprefix("##")) > 1, token))
+    backend.model = WordPiece(vocab={token: i for i, token in enumerate([*REPORT_SPECIAL_TOKENS, *rest])},
+                              unk_token="[UNK]", continuing_subword_prefix="##")
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",

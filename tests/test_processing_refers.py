@@ -1,5 +1,6 @@
 """RefersProcessor and the report tokenizer, on real Open-i reports and real radiographs."""
 
+import json
 import os
 import tarfile
 import xml.etree.ElementTree as ET
@@ -117,6 +118,40 @@ def test_tokenizer_returned_equals_reloaded(reports, tmp_path):
     cased = train_report_tokenizer(reports[:200], vocab_size=400, lowercase=False)
     assert cased("Heart")["input_ids"] != cased("heart")["input_ids"]
     assert trained("Heart")["input_ids"] == trained("heart")["input_ids"]
+
+
+def test_trained_tokenizer_is_the_same_in_every_process(reports, tmp_path):
+    """The WordPiece trainer numbers tokens of equal count in hash order, which changes from process to process;
+    train_report_tokenizer renumbers them, so two fresh processes give the same ids (several ranks of one run,
+    reruns). The segmentation is the trainer's own: compared with a tokenizer trained by `tokenizers` directly."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+
+    texts = reports[:300]
+    (tmp_path / "reports.json").write_text(json.dumps(texts))
+    script = (
+        "import json, sys; from modeling_refers import train_report_tokenizer; "
+        f"t = train_report_tokenizer(json.load(open({str(tmp_path / 'reports.json')!r})), vocab_size=400); "
+        "print(json.dumps(sorted(t.get_vocab().items())))"
+    )
+    vocabularies = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                   check=True).stdout for _ in range(2)]
+    assert vocabularies[0] == vocabularies[1]
+
+    reference = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    reference.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
+    reference.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    reference.train_from_iterator(texts, trainer=WordPieceTrainer(
+        vocab_size=400, min_frequency=2, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        continuing_subword_prefix="##", show_progress=False))
+    ours = train_report_tokenizer(texts, vocab_size=400)
+    assert set(ours.get_vocab()) == set(reference.get_vocab())
+    for text in texts[:50]:
+        assert ours.tokenize(text) == reference.encode(text).tokens
 
 
 def test_tokenizer_bad_input():
