@@ -125,6 +125,8 @@ class FinetuningArguments(TrainingArguments):
     metric_for_best_model: str | None = field(default="mean_auc")
     greater_is_better: bool | None = field(default=True)
     remove_unused_columns: bool = field(default=False)
+    # Every parameter takes part in every step (single images are one-view studies): no unused-parameter search.
+    ddp_find_unused_parameters: bool | None = field(default=False)
     report_to: None | str | list[str] = field(default="none")
     logging_steps: float = field(default=10)
 
@@ -426,7 +428,8 @@ def main(argv=None) -> dict:
     if training_args.do_train:
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        image_processor.save_pretrained(training_args.output_dir)
+        if training_args.should_save:  # one writer under several processes
+            image_processor.save_pretrained(training_args.output_dir)
     # The model now holds the checkpoint with the best validation mean AUC (load_best_model_at_end): evaluate it.
     validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
     prediction = trainer.predict(test_set, metric_key_prefix="test")

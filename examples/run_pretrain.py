@@ -89,6 +89,9 @@ class DataArguments:
     max_report_length: int = field(default=100, metadata={"help": "Report tokens kept (longer: truncated)."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
+    augment: bool = field(default=True, metadata={
+        "help": "Training-time augmentation and random view choice (the paper's). --augment false trains on the "
+                "evaluation transform: for exact comparisons (e.g. 1 vs several processes)."})
     resize: str = field(default="square", metadata={
         "help": f"One of {RESIZE_MODES}: 'square' resizes to 256 x 256 (the paper), 'shortest_edge' keeps the aspect "
                 "ratio; then the centre / random 224 crop (sizes scale with image_size)."})
@@ -127,21 +130,27 @@ class PretrainingArguments(TrainingArguments):
     greater_is_better: bool | None = field(default=False)
     prediction_loss_only: bool = field(default=True)
     remove_unused_columns: bool = field(default=False)
+    # Every parameter takes part in every step (single images are one-view studies): DDP needs no unused-parameter
+    # search (the no-fusion ablation turns it back on).
+    ddp_find_unused_parameters: bool | None = field(default=False)
     report_to: None | str | list[str] = field(default="none")
     logging_steps: float = field(default=10)
 
 
-def build_tokenizers(model_args, train_reports, output_dir):
-    """(text tokenizer, decoder tokenizer or None)."""
+def build_tokenizers(model_args, train_reports, output_dir, training_args):
+    """(text tokenizer, decoder tokenizer or None). A decoder vocabulary is trained and saved by the main process;
+    the others then load it (one writer, one vocabulary)."""
     name = model_args.tokenizer_name_or_path or model_args.text_encoder_name_or_path
     decoder_tokenizer = None
     if model_args.report_tokenizer_vocab_size:
         saved = os.path.join(output_dir, "report_tokenizer")
-        if os.path.isfile(os.path.join(saved, "tokenizer.json")):  # a resumed run keeps its vocabulary
-            decoder_tokenizer = AutoTokenizer.from_pretrained(saved)
-        else:
-            decoder_tokenizer = train_report_tokenizer(
-                train_reports, vocab_size=model_args.report_tokenizer_vocab_size, output_dir=saved)
+        with training_args.main_process_first(desc="report tokenizer"):
+            if os.path.isfile(os.path.join(saved, "tokenizer.json")):  # a resumed run (or rank > 0) keeps it
+                decoder_tokenizer = AutoTokenizer.from_pretrained(saved)
+            else:
+                decoder_tokenizer = train_report_tokenizer(
+                    train_reports, vocab_size=model_args.report_tokenizer_vocab_size,
+                    output_dir=saved if training_args.should_save else None)
     if name and name.lower() != "none":
         return AutoTokenizer.from_pretrained(name), decoder_tokenizer
     if decoder_tokenizer is None:
@@ -309,7 +318,8 @@ def main(argv=None):
     if training_args.do_train:
         write_run_signature(training_args, signature)
 
-    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir)
+    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir,
+                                                    training_args)
     model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
     config = model.config
     processor = RefersProcessor(
@@ -326,7 +336,7 @@ def main(argv=None):
         args=training_args,
         train_dataset=train_set if training_args.do_train else None,
         eval_dataset=eval_set if (training_args.do_eval or training_args.eval_strategy != "no") else None,
-        data_collator=StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer),
+        data_collator=StudyReportCollator(processor, train=data_args.augment, decoder_tokenizer=decoder_tokenizer),
         eval_data_collator=StudyReportCollator(processor, train=False, decoder_tokenizer=decoder_tokenizer),
         processing_class=processor,
         text_learning_rate=training_args.text_learning_rate,
@@ -335,12 +345,16 @@ def main(argv=None):
         lookahead_alpha=recipe["lookahead_alpha"],
         sgd_momentum=training_args.sgd_momentum,
     )
+    logger.info(f"{training_args.world_size} process(es), {training_args.per_device_train_batch_size} studies each per "
+                f"step; FSDP {'on' if trainer.is_fsdp_enabled else 'off'}; global contrastive negatives "
+                f"{'on' if config.contrastive_global_negatives and training_args.world_size > 1 else 'off'}")
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # the best checkpoint (lowest validation loss) when load_best_model_at_end
-        processor.save_pretrained(training_args.output_dir)
-        if decoder_tokenizer is not None:
-            decoder_tokenizer.save_pretrained(os.path.join(training_args.output_dir, "report_tokenizer"))
+        if training_args.should_save:  # one writer under several processes
+            processor.save_pretrained(training_args.output_dir)
+            if decoder_tokenizer is not None:
+                decoder_tokenizer.save_pretrained(os.path.join(training_args.output_dir, "report_tokenizer"))
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
