@@ -200,7 +200,10 @@ class RefersTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._loss_parts:
             for key, values in self._loss_parts.items():
-                logs[key] = round(sum(values) / len(values), 4)
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                if self.args.world_size > 1:  # every process logs at the same step: average like `loss` itself
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[key] = round(float(mean), 4)
             self._loss_parts = {}
         super().log(logs, *args, **kwargs)
 

@@ -178,6 +178,10 @@ def test_run_pretrain_two_processes_equal_one_process_with_the_double_batch(tmp_
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert min(len(tokenizer(r)["input_ids"]) for r in reports) > REPORT_TOKENS
 
+    # the logged parts are averaged over the processes like the loss itself, so they add up to it
+    state_two = json.loads((double / "trainer_state.json").read_text())
+    for entry in (e for e in state_two["log_history"] if "loss" in e):
+        assert entry["loss_report"] + entry["loss_contrast"] == pytest.approx(entry["loss"], abs=2e-4)
     one, two = _losses(single), _losses(double)
     assert [step for step, _ in one] == [step for step, _ in two] == [1, 2, 3]
     for (_, a), (_, b) in zip(one, two):

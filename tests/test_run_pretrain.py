@@ -40,7 +40,10 @@ def test_two_steps_with_the_real_bert_write_a_loadable_checkpoint(tmp_path, shar
     weights = load_file(out / "model.safetensors")
     assert any(key.startswith("text_encoder.encoder.layer.5.") for key in weights)  # the 6-layer MiniLM BERT
     history = trainer.state.log_history
-    assert any("loss_report" in entry and "loss_contrast" in entry for entry in history)
+    parts = [e for e in history if "loss_report" in e and "loss_contrast" in e]
+    assert len(parts) == 2  # logging_steps 1: the parts of each step's loss, rounded to 4 digits, add up to it
+    for entry in parts:
+        assert entry["loss_report"] + entry["loss_contrast"] == pytest.approx(entry["loss"], abs=2e-4)
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in history if "loss" in e)
     assert json.loads((out / "eval_results.json").read_text())["eval_loss"] > 0
     assert trainer.state.best_model_checkpoint is not None  # lowest validation loss kept

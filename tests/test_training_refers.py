@@ -136,6 +136,7 @@ def test_left_right_swap_reaches_a_separate_decoder_tokenizer(studies_with_sides
     expected = decoder_tokenizer(seen, padding="longest", truncation=True, max_length=64, return_tensors="pt")
     assert torch.equal(batch["decoder_input_ids"], expected["input_ids"])
     assert torch.equal(batch["labels"], expected["input_ids"].masked_fill(expected["attention_mask"] == 0, -100))
+    assert torch.equal(batch["decoder_attention_mask"], expected["attention_mask"])
     unswapped = decoder_tokenizer(reports, padding="longest", truncation=True, max_length=64, return_tensors="pt")
     # the two tokenizations differ, so the comparison above tells a swapped report from an unswapped one
     assert (batch["decoder_input_ids"].shape == unswapped["input_ids"].shape
@@ -153,3 +154,73 @@ def test_processor_sizes_per_resize_mode():
                                                      "crop_size": {"height": 112, "width": 112}}
     with pytest.raises(ValueError, match="resize must be one of"):
         processor_sizes(224, "crop")
+
+
+def test_lookahead_arguments_reach_timm_and_bad_ones_are_refused(tmp_path):
+    from timm.optim import Lookahead
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = tiny_model()
+    optimizer = RefersTrainer(model=model, args=args, lookahead_steps=3, lookahead_alpha=0.3).create_optimizer()
+    assert isinstance(optimizer, Lookahead)
+    assert {(g["lookahead_k"], g["lookahead_alpha"]) for g in optimizer.param_groups} == {(3, 0.3)}
+    for alpha in (0.0, 1.0):  # the closed interval's ends are valid
+        RefersTrainer(model=model, args=args, lookahead_steps=5, lookahead_alpha=alpha)
+    for steps, alpha in ((-1, 0.5), (5, -0.1), (5, 1.5)):
+        with pytest.raises(ValueError, match="lookahead_steps must be >= 0 and lookahead_alpha in \\[0, 1\\]"):
+            RefersTrainer(model=model, args=args, lookahead_steps=steps, lookahead_alpha=alpha)
+
+
+def test_evaluation_batches_come_from_the_eval_collator(tmp_path):
+    """Training batches through `data_collator` (augmenting), evaluation and prediction through
+    `eval_data_collator`; the training collator is back in place afterwards."""
+    from datasets import Dataset
+
+    def tagging(tag):
+        return lambda rows: {"tag": tag, "n": torch.tensor(len(rows))}
+
+    train, evaluate = tagging("train"), tagging("eval")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False,
+                             per_device_train_batch_size=2, per_device_eval_batch_size=3)
+    data = Dataset.from_dict({"x": list(range(6))})
+    trainer = RefersTrainer(model=tiny_model(), args=args, data_collator=train, eval_data_collator=evaluate,
+                            train_dataset=data, eval_dataset=data)
+    assert next(iter(trainer.get_eval_dataloader()))["tag"] == "eval"
+    assert next(iter(trainer.get_test_dataloader(data)))["tag"] == "eval"
+    assert trainer.data_collator is train
+    first = next(iter(trainer.get_train_dataloader()))
+    assert first["tag"] == "train" and int(first["n"]) == 2
+    plain = RefersTrainer(model=tiny_model(), args=args, data_collator=train, train_dataset=data, eval_dataset=data)
+    assert next(iter(plain.get_eval_dataloader()))["tag"] == "train"  # no eval collator: the one collator
+
+
+def test_worker_generator_is_seeded_from_torch_and_kept_per_worker():
+    from modeling_refers.training_refers import worker_generator
+
+    torch.manual_seed(5)
+    cache = {}
+    generator = worker_generator(cache)
+    assert worker_generator(cache) is generator and len(cache) == 1  # one per process / worker, reused
+    import numpy as np
+
+    assert generator.random() == np.random.default_rng(5).random()  # the Trainer seeds torch (per worker)
+    torch.manual_seed(6)
+    assert worker_generator({}).random() != np.random.default_rng(5).random()
+
+
+def test_study_collator_is_reproducible_per_seed_and_names_a_bad_study(studies_with_sides, tmp_path):
+    rows, all_reports = studies_with_sides
+    tokenizer = train_report_tokenizer(all_reports, vocab_size=200)
+    processor = RefersProcessor(RefersImageProcessor(**processor_sizes(32)), tokenizer, num_views=2, max_length=32)
+
+    def collate(seed, train=True):
+        torch.manual_seed(seed)
+        return StudyReportCollator(processor, train=train)(rows)
+
+    first, again, other = collate(0), collate(0), collate(1)
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    assert not torch.equal(first["pixel_values"], other["pixel_values"])  # augmentation draws from the seed
+    assert torch.equal(collate(0, train=False)["pixel_values"], collate(1, train=False)["pixel_values"])
+    broken = [dict(rows[0]), dict(rows[1], images=[str(tmp_path / "missing.png")])]
+    with pytest.raises(FileNotFoundError, match=f"id {rows[1]['study_id']!r}"):
+        StudyReportCollator(processor, train=False)(broken)
