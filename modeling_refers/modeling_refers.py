@@ -593,7 +593,6 @@ def gather_rows_across_processes(tensor: torch.Tensor, with_grad: bool = True) -
     different n_r (the last batch). With `with_grad`, autograd's all-gather sends every rank the gradient that all
     processes' losses put on its own rows. Returns `(gathered, offset of this rank's rows)`."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
 
     world_size, rank = dist.get_world_size(), dist.get_rank()
     count = torch.tensor([tensor.shape[0]], device=tensor.device)
@@ -602,8 +601,16 @@ def gather_rows_across_processes(tensor: torch.Tensor, with_grad: bool = True) -
     counts = [int(c) for c in counts]
     padding = [0, 0] * (tensor.ndim - 1) + [0, max(counts) - tensor.shape[0]]
     padded = nn.functional.pad(tensor, padding)
-    if with_grad:
-        parts = all_gather(padded)
+    if with_grad:  # torch's autograd all-gather (its backward reduce-scatters the gradients back to their owners)
+        try:  # the one torch points to since torch.distributed.nn.functional.all_gather was deprecated
+            from torch.distributed._functional_collectives import all_gather_tensor_autograd
+        except ImportError:  # pragma: no cover - older torch
+            from torch.distributed.nn.functional import all_gather as gather_list
+
+            parts = gather_list(padded)
+        else:
+            parts = all_gather_tensor_autograd(padded.contiguous(), gather_dim=0, group=dist.group.WORLD)
+            parts = parts.reshape(world_size, *padded.shape).unbind(0)
     else:
         parts = [torch.empty_like(padded) for _ in range(world_size)]
         dist.all_gather(parts, padded.contiguous())
