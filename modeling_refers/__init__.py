@@ -22,6 +22,7 @@ from .modeling_refers import (
     convert_timm_vit_state_dict,
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
+from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
@@ -59,6 +60,7 @@ __all__ = [
     "window_to_uint8",
     "RefersForImageClassification",
     "RefersForPreTraining",
+    "RefersForZeroShotImageClassification",
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",

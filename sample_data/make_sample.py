@@ -112,9 +112,16 @@ def select_nih(shared: Path, out: Path) -> None:
     _write_csv(out / "nih_chestxray14_sample" / "Data_Entry_2017.csv", header, chosen)
     for name in ("train_val_list.txt", "test_list.txt"):
         _filter_list(source / name, out / "nih_chestxray14_sample" / name, names)
+    write_nih_boxes(source, out, names)
     for name in ("val", "test"):
         _filter_list(shared / "splits" / "nih_chestxray14" / f"{name}.txt",
                      out / "splits" / "nih_chestxray14" / f"{name}.txt", names)
+
+
+def write_nih_boxes(source: Path, out: Path, names: set[str]) -> None:
+    """The rows of NIH's official BBox_List_2017.csv (1024-px coordinates) for the sample's images."""
+    header, rows = _read_csv(source / "BBox_List_2017.csv")
+    _write_csv(out / "nih_chestxray14_sample" / "BBox_List_2017.csv", header, [r for r in rows if r[0] in names])
 
 
 def _gzip_bytes(path: Path, data: bytes) -> None:
