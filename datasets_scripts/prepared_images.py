@@ -203,6 +203,19 @@ def _settings_differences(found: Mapping, wanted: Mapping) -> list[str]:
             for name in _SETTINGS_FIELDS if found.get(name) != wanted.get(name)]
 
 
+def warn_if_upscaled(folder: str | os.PathLike | None, size: Mapping[str, int]) -> bool:
+    """Warn (and return True) when `folder` was prepared at a short side below the processor's resize `size`
+    (`{"height", "width"}` or `{"shortest_edge"}`): its images would be upscaled."""
+    if not folder:
+        return False
+    side, short = min(size.values()), read_prepared_metadata(folder)["short_side"]
+    if short >= side:
+        return False
+    logger.warning(f"prepared data {folder}: short side {short} px, below the {side} px resize; the images are "
+                   f"upscaled (prepare with --short_side {side})")
+    return True
+
+
 def load_prepared_dataset(
     folder: str | os.PathLike, min_short_side: int | None = None, dataset_name: str | None = None
 ) -> DatasetDict:

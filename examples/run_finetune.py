@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from modeling_refers.evaluation import multilabel_auc, roc_curve_png  # noqa: E4
 from modeling_refers.file_utils import atomic_open, atomic_write_text  # noqa: E402
 from modeling_refers.model_card import dataset_display_name, make_model_card, save_model_card  # noqa: E402
 from datasets_scripts.common import resolve_split_dir  # noqa: E402
+from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled  # noqa: E402
 from datasets_scripts.label_ratio import ID_FILE_FORMAT  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,9 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "The data set as distributed (default: sample)."})
     split_dir: str | None = field(default=None, metadata={"help": "The paper's split lists (default: "
                                                                   "<data_dir>/../splits/<name>)."})
+    prepared_data_dir: str | None = field(default=None, metadata={
+        "help": "A folder written by examples/prepare_images.py for this --dataset_name: its images (decoded once, "
+                "short side >= the resize) are read instead of --data_dir's originals."})
     label_ratio: float = field(default=1.0, metadata={"help": "Fraction of the training labels used, in (0, 1]."})
     label_ids_path: str | None = field(
         default=None, metadata={"help": "Re-use the training ids of an earlier run (its label_ids.json)."})
@@ -249,6 +254,9 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
         "split_dir": os.path.abspath(split_dir) if split_dir else None,
         "label_ratio": data_args.label_ratio,
         "resize": data_args.resize,
+        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
+        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
+                                if data_args.prepared_data_dir else None),
         "label_ids_path": os.path.abspath(data_args.label_ids_path) if data_args.label_ids_path else None,
         "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
         "num_train_images": len(train_set),
@@ -264,12 +272,14 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
 
 
 def image_size_text(dataset) -> str:
-    """The pixel size of a split's images, read from the files' headers (e.g. "64x64 px")."""
-    paths = [row["path"] for row in dataset.cast_column("image", ImageFeature(decode=False))
-             .with_format(None, columns=["image"])["image"] if row.get("path")]
+    """The pixel size of a split's images, read from the files' (or embedded bytes') headers (e.g. "64x64 px")."""
+    rows = dataset.cast_column("image", ImageFeature(decode=False)).with_format(None, columns=["image"])["image"]
     sizes = set()
-    for path in paths:
-        with Image.open(path) as image:
+    for row in rows:
+        source = io.BytesIO(row["bytes"]) if row.get("bytes") else row.get("path")
+        if source is None:
+            continue
+        with Image.open(source) as image:
             sizes.add(image.size)
     if not sizes:
         return "unknown size"
@@ -365,15 +375,21 @@ def main(argv=None) -> dict:
     if data_args.dataset_name not in TARGET_DATASETS:
         raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}; valid: {', '.join(sorted(TARGET_DATASETS))}")
     spec = TARGET_DATASETS[data_args.dataset_name]
-    data_dir = data_args.data_dir or DEFAULT_DATA_DIRS.get(spec.name)
-    if data_dir is None:
-        raise ValueError(f"--data_dir is required for {spec.name} (no sample of it ships with refers)")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {str(data_dir)!r}: no such folder; expected {spec.name} as distributed")
+    if data_args.prepared_data_dir:
+        data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=spec.name)
+        data_dir = (data_args.data_dir or read_prepared_metadata(data_args.prepared_data_dir)["source"].get("data_dir")
+                    or data_args.prepared_data_dir)
+    else:
+        data_dir = data_args.data_dir or DEFAULT_DATA_DIRS.get(spec.name)
+        if data_dir is None:
+            raise ValueError(f"--data_dir is required for {spec.name} (no sample of it ships with refers)")
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"--data_dir {str(data_dir)!r}: no such folder; expected {spec.name} as distributed")
     init = check_model_arguments(model_args)
     set_seed(training_args.seed)
 
-    data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir)
+    if not data_args.prepared_data_dir:
+        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir)
     full_train, eval_set, test_set = data["train"], data["validation"], data["test"]
     ids_path = data_args.label_ids_path or os.path.join(training_args.output_dir, "label_ids.json")
     if data_args.label_ids_path:
@@ -412,7 +428,9 @@ def main(argv=None) -> dict:
     if not data_args.label_ids_path and training_args.should_save:
         write_label_ids(ids_path, train_set, full_train, data_args.label_ratio, training_args.seed)
 
-    image_processor = RefersImageProcessor(**processor_sizes(model.config.image_size, data_args.resize))
+    sizes = processor_sizes(model.config.image_size, data_args.resize)
+    warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
+    image_processor = RefersImageProcessor(**sizes)
     trainer = RefersTrainer(
         model=model,
         args=training_args,

@@ -30,6 +30,7 @@ import transformers
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
+from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
 from modeling_refers import (
     RefersConfig,
     RefersForPreTraining,
@@ -86,6 +87,9 @@ class DataArguments:
     data_dir: str = field(default=str(SAMPLE_DATA_DIR / "covid19_collection"),
                           metadata={"help": "The data set's folder, as distributed."})
     image_dir: str | None = field(default=None, metadata={"help": "iu_xray only: the PNG image folder."})
+    prepared_data_dir: str | None = field(default=None, metadata={
+        "help": "A folder written by examples/prepare_images.py for this --dataset_name: its images (decoded once, "
+                "short side >= the resize) are read instead of --data_dir's originals."})
     max_report_length: int = field(default=100, metadata={"help": "Report tokens kept (longer: truncated)."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
@@ -240,6 +244,9 @@ def run_signature(model_args, data_args, training_args, train_set, eval_set) -> 
         "dataset_name": data_args.dataset_name,
         "data_dir": os.path.abspath(data_args.data_dir),
         "image_dir": os.path.abspath(data_args.image_dir) if data_args.image_dir else None,
+        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
+        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
+                                if data_args.prepared_data_dir else None),
         "train_study_ids_sha256": hashlib.sha256("\n".join(study_ids).encode()).hexdigest(),
         "num_train_studies": len(train_set),
         "num_eval_studies": len(eval_set),
@@ -290,8 +297,11 @@ def main(argv=None):
     check_inputs(model_args, data_args, training_args)
     set_seed(training_args.seed)
 
-    extra = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
-    data = load_source_dataset(data_args.dataset_name, data_args.data_dir, **extra)
+    if data_args.prepared_data_dir:
+        data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=data_args.dataset_name)
+    else:
+        extra = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
+        data = load_source_dataset(data_args.dataset_name, data_args.data_dir, **extra)
     train_set, eval_set = data["train"], data["validation"]
     if data_args.max_train_samples:
         train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
@@ -325,6 +335,7 @@ def main(argv=None):
     processor = RefersProcessor(
         RefersImageProcessor(**processor_sizes(config.image_size, data_args.resize)), tokenizer,
         num_views=config.num_views, max_length=config.max_report_length)
+    warn_if_upscaled(data_args.prepared_data_dir, processor_sizes(config.image_size, data_args.resize)["size"])
     if not config.use_view_fusion:
         training_args.ddp_find_unused_parameters = True  # the fusion module sits idle in this ablation
 

@@ -445,3 +445,24 @@ def test_the_model_card_of_a_real_run_tells_the_truth(tmp_path, nih_dir, tiny_re
 
     assert not re.search(r"(^|[\s`'\"(\[|:])/[\w.-]+/", text.replace("https://", "")), "absolute path in the card"
     assert "base_model" not in metadata  # a local folder is not a Hub id
+
+
+def test_prepared_data_is_what_the_run_reads(tmp_path, nih_dir):
+    """--prepared_data_dir for a target data set: the same splits and labels as the originals, recorded in the
+    run signature."""
+    from datasets_scripts import load_nih_chestxray14
+    from datasets_scripts.prepared_images import prepare_images
+
+    original = load_nih_chestxray14(nih_dir)
+    prepared_dir = tmp_path / "prepared"
+    prepare_images(original, prepared_dir, short_side=48, source={"dataset_name": "nih_chestxray14",
+                                                                   "data_dir": str(nih_dir)})
+    out = tmp_path / "run"
+    results = run_finetune.main(["--output_dir", str(out), "--prepared_data_dir", str(prepared_dir),
+                                 "--config_overrides", TINY, "--do_train", *FAST])
+    assert results["num_train_images"] == len(original["train"])
+    signature = json.loads((out / "run_signature.json").read_text())
+    assert signature["prepared_data_dir"] == str(prepared_dir) and signature["prepared_short_side"] == 48
+    assert signature["data_dir"] == str(Path(nih_dir).absolute())
+    ids = json.loads((out / "label_ids.json").read_text())["ids"]
+    assert sorted(ids) == sorted(original["train"]["image_id"])

@@ -194,3 +194,26 @@ def test_bad_inputs_are_named_and_nothing_is_written(tmp_path, shared_data_dir, 
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *bad))
     assert not out.exists()
+
+
+def test_prepared_data_is_what_the_run_reads(tmp_path, shared_data_dir, run_pretrain, caplog):
+    """--prepared_data_dir (examples/prepare_images.py's output) instead of the originals: the same studies and
+    reports, the folder in the run signature, and a warning when its images are smaller than the resize."""
+    from datasets_scripts import load_covid19_studies
+    from datasets_scripts.prepared_images import prepare_images
+
+    studies = load_covid19_studies(shared_data_dir / "covid19_collection")
+    prepared_dir = tmp_path / "prepared"
+    prepare_images(studies, prepared_dir, short_side=24, source={"dataset_name": "covid19_studies"})
+    with caplog.at_level("WARNING"):
+        trainer = run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", *TINY_TEXT, "--max_steps", "1",
+                                           "--prepared_data_dir", str(prepared_dir)))
+    assert any("short side 24 px, below the 37 px resize" in r.getMessage() for r in caplog.records)
+    assert trainer.train_dataset["report"] == studies["train"]["report"][:8]
+    first = trainer.train_dataset[0]["images"][0]
+    assert min(first.size) == 24  # the prepared image, not the 256-px original
+    signature = json.loads((tmp_path / "run" / "run_signature.json").read_text())
+    assert signature["prepared_data_dir"] == str(prepared_dir) and signature["prepared_short_side"] == 24
+    with pytest.raises(Exception, match="refers_prepared.json|not a prepared data set"):
+        run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", "--output_dir", str(tmp_path / "other"),
+                                 "--prepared_data_dir", str(tmp_path)))
