@@ -12,7 +12,11 @@ recurrent concatenation, a 1-layer report decoder of width 1024, a BERT-base-siz
 - peak memory: `torch.cuda.max_memory_allocated` on GPU; on CPU the growth of the peak resident set during the
   timed steps over the resident size before the first step.
 
+- `--gradient_checkpointing`: every layer of the radiograph transformer, the report decoder and BERT is recomputed
+  in backward (what `run_pretrain.py --gradient_checkpointing` does), trading time for activation memory.
+
     python benchmarks/bench_pretrain.py --batch_size 2 --steps 3              # CPU
+    python benchmarks/bench_pretrain.py --batch_size 32 --steps 1 --warmup 0 --no_flops [--gradient_checkpointing]
     python benchmarks/bench_pretrain.py --device cuda --bf16 --batch_size 32  # GPU, SDPA attention
 """
 
@@ -78,11 +82,16 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="GPU bf16 dense peak")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute every layer in backward")
+    parser.add_argument("--no_flops", action="store_true",
+                        help="skip the FLOP-counting pass (and MFU): one step less, for the large-batch memory runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = RefersConfig(attn_implementation=args.attn_implementation)
     model = RefersForPreTraining(config).to(args.device).train()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.SGD(model.parameters(), lr=3e-3, momentum=0.9, weight_decay=1e-4)
     batch = make_batch(config, args.batch_size, args.report_length, args.device, torch.float32)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
@@ -96,12 +105,14 @@ def main():
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    with FlopCounterMode(display=False) as counter:
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops_per_step = counter.get_total_flops()
+    flops_per_step = None
+    if not args.no_flops:
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        flops_per_step = counter.get_total_flops()
 
     for _ in range(args.warmup):
         step()
@@ -117,19 +128,21 @@ def main():
         peak_tflops, peak_source = args.peak_tflops, "nominal bf16 dense peak (--peak_tflops)"
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_tflops = measured_gemm_tflops(args.gemm_size, "cpu", torch.float32)
+        peak_tflops = measured_gemm_tflops(args.gemm_size, "cpu", torch.float32) if flops_per_step else None
         peak_source = f"measured fp32 GEMM {args.gemm_size}^3 on {args.threads} threads"
 
     seconds = statistics.median(times)
-    achieved = flops_per_step / seconds / 1e12
+    achieved = flops_per_step / seconds / 1e12 if flops_per_step else None
     params = sum(p.numel() for p in model.parameters())
     result = {
         "device": args.device, "threads": args.threads, "bf16": args.bf16, "attn": args.attn_implementation,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "batch_studies": args.batch_size, "views": config.num_views, "report_tokens": args.report_length,
         "parameters_m": params / 1e6, "step_seconds_median": seconds,
         "studies_per_s": args.batch_size / seconds, "images_per_s": args.batch_size * config.num_views / seconds,
-        "model_tflop_per_step": flops_per_step / 1e12, "achieved_tflops": achieved,
-        "peak_tflops": peak_tflops, "peak_source": peak_source, "mfu": achieved / peak_tflops,
+        "model_tflop_per_step": flops_per_step / 1e12 if flops_per_step else None, "achieved_tflops": achieved,
+        "peak_tflops": peak_tflops, "peak_source": peak_source,
+        "mfu": achieved / peak_tflops if achieved else None,
         "peak_memory_mib": peak_mib,
         "peak_memory_note": "max allocated" if args.device == "cuda" else "peak RSS of the process (model, optimizer"
                                                                         " state and activations)",
