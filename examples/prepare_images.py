@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets_scripts import SOURCE_DATASETS, TARGET_DATASETS, load_source_dataset, load_target_dataset  # noqa: E402
-from datasets_scripts.prepared_images import IMAGE_FORMATS, prepare_images  # noqa: E402
+from datasets_scripts import SOURCE_DATASETS, TARGET_DATASETS, load_source_dataset, load_target_dataset
+from datasets_scripts.prepared_images import IMAGE_FORMATS, prepare_images
 
 logger = logging.getLogger(__name__)
 

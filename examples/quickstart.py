@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import run_finetune  # noqa: E402
-import run_pretrain  # noqa: E402
 
-from datasets_scripts import SAMPLE_DATA_DIR, load_covid19_studies  # noqa: E402
-from modeling_refers import (  # noqa: E402
+from datasets_scripts import SAMPLE_DATA_DIR, load_covid19_studies
+from modeling_refers import finetune_refers as run_finetune
+from modeling_refers import pretrain_refers as run_pretrain
+from modeling_refers import (
     RefersForImageClassification,
     RefersForPreTraining,
     RefersImageProcessor,

@@ -24,16 +24,14 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets_scripts.nih_chestxray14 import BBOX_FILE, index_images, load_nih_bounding_boxes  # noqa: E402
-from datasets_scripts.vinbigdata import load_vinbigdata  # noqa: E402
-from modeling_refers import RefersForImageClassification, RefersImageProcessor  # noqa: E402
-from modeling_refers.downstream_utils import check_model_folder  # noqa: E402
-from modeling_refers.explanations_refers import (  # noqa: E402
+from datasets_scripts.nih_chestxray14 import BBOX_FILE, index_images, load_nih_bounding_boxes
+from datasets_scripts.vinbigdata import load_vinbigdata
+from modeling_refers import RefersForImageClassification, RefersImageProcessor
+from modeling_refers.downstream_utils import check_model_folder
+from modeling_refers.explanations_refers import (
     ATTENTION_METHODS,
     CAM_METHODS,
     explanation_grid_png,
@@ -42,7 +40,7 @@ from modeling_refers.explanations_refers import (  # noqa: E402
     localise,
     summarise_localisation,
 )
-from modeling_refers.file_utils import atomic_write_text  # noqa: E402
+from modeling_refers.file_utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

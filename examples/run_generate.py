@@ -15,15 +15,13 @@ import argparse
 import json
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset  # noqa: E402
-from modeling_refers.downstream_utils import load_pretraining_folder  # noqa: E402
-from modeling_refers.evaluation import report_generation_metrics  # noqa: E402
-from modeling_refers.file_utils import atomic_write_text  # noqa: E402
-from modeling_refers.generation_refers import generate_reports, metrics_bar_png, report_examples_png  # noqa: E402
+from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
+from modeling_refers.downstream_utils import load_pretraining_folder
+from modeling_refers.evaluation import report_generation_metrics
+from modeling_refers.file_utils import atomic_write_text
+from modeling_refers.generation_refers import generate_reports, metrics_bar_png, report_examples_png
 
 logger = logging.getLogger(__name__)
 

@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from scipy import stats
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import run_finetune  # noqa: E402
 
-from modeling_refers import RefersConfig  # noqa: E402
-from modeling_refers.file_utils import atomic_open, atomic_write_text  # noqa: E402
+from modeling_refers import RefersConfig
+from modeling_refers import finetune_refers as run_finetune
+from modeling_refers.file_utils import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
 COLUMNS = ["init", "architecture", "data", "label_ratio", "train_images", "test_images", "runs", "mean_auc", "std_auc",

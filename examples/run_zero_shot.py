@@ -24,17 +24,15 @@ import io
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets_scripts import SAMPLE_DATA_DIR, TARGET_DATASETS, load_target_dataset  # noqa: E402
-from modeling_refers.downstream_utils import load_pretraining_folder  # noqa: E402
-from modeling_refers.evaluation import multilabel_auc, roc_curve_png  # noqa: E402
-from modeling_refers.file_utils import atomic_write_text  # noqa: E402
-from modeling_refers.zero_shot_refers import (  # noqa: E402
+from datasets_scripts import SAMPLE_DATA_DIR, TARGET_DATASETS, load_target_dataset
+from modeling_refers.downstream_utils import load_pretraining_folder
+from modeling_refers.evaluation import multilabel_auc, roc_curve_png
+from modeling_refers.file_utils import atomic_write_text
+from modeling_refers.zero_shot_refers import (
     auc_bars_png,
     load_prompts,
     prompts_to_json,

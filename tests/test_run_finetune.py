@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import push_refers_to_hub  # noqa: E402
-import run_finetune  # noqa: E402
+from modeling_refers import finetune_refers as run_finetune  # noqa: E402
 import run_label_efficiency  # noqa: E402
 
 TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"

