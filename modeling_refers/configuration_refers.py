@@ -53,6 +53,10 @@ class RefersConfig(PreTrainedConfig):
     load.
 
     Args:
+        backbone (`str`, defaults to `"vit"`): the view encoder: `"vit"` (the radiograph transformer) or a timm CNN
+            name (`resnet50`, `resnet101` for the paper's CNN row, `densenet121`, ...). A CNN's last feature map
+            (7 x 7 at 224 px for stride 32) gives the tokens (its cells) and the view feature (their mean); it needs
+            `aggregation="none"` and `hidden_size` = the CNN's feature width (2048 for ResNet-50/101).
         image_size (`int`, defaults to 224): input height and width in pixels.
         patch_size (`int`, defaults to 16): side of a square patch; `image_size` must be a multiple of it.
         num_channels (`int`, defaults to 3): input channels (grayscale radiographs are repeated to 3).
@@ -118,6 +122,7 @@ class RefersConfig(PreTrainedConfig):
         "decoder_config": SubConfigSpec(config_class=BertConfig, init_kwargs=DEFAULT_DECODER_CONFIG),
     }
 
+    backbone: str = "vit"
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
@@ -196,15 +201,28 @@ class RefersConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RefersConfig.{name} must be a positive integer, got {value!r}.")
-        if self.image_size % self.patch_size != 0:
+        if self.backbone == "vit" and self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"RefersConfig.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
             )
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.backbone == "vit" and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"RefersConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
+        if self.backbone != "vit":
+            import timm
+
+            if not timm.is_model(self.backbone):
+                raise ValueError(
+                    f"RefersConfig.backbone must be 'vit' (the radiograph transformer) or the name of a timm CNN (e.g. "
+                    f"resnet50, resnet101, densenet121); timm has no model {self.backbone!r}."
+                )
+            if self.aggregation != "none":
+                raise ValueError(
+                    f"RefersConfig.aggregation={self.aggregation!r} is a radiograph-transformer choice; a CNN backbone "
+                    f"({self.backbone}) pools its last feature map: set aggregation='none'."
+                )
         if self.aggregation not in AGGREGATION_MODES:
             raise ValueError(
                 f"RefersConfig.aggregation must be one of {AGGREGATION_MODES}, got {self.aggregation!r}."

@@ -122,6 +122,30 @@ class RefersLayer(ViTLayer):
     """One pre-LayerNorm transformer block (self-attention + two-layer MLP), `(n, seq, d)` -> `(n, seq, d)`."""
 
 
+class RefersConvBackbone(nn.Module):
+    """A timm CNN as the view encoder: `(n, C, H, W)` -> `(n, 1 + h * w, d)`, the mean of the last feature map's
+    cells followed by the cells themselves (7 x 7 at 224 px for a stride-32 CNN), in the places of the radiograph
+    transformer's aggregation token and patch tokens. timm's own initialisation is kept."""
+
+    def __init__(self, config: RefersConfig):
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="",
+                                       in_chans=config.num_channels)
+        if self.model.num_features != config.hidden_size:
+            raise ValueError(
+                f"RefersConfig.hidden_size ({config.hidden_size}) must be the width of {config.backbone}'s last feature "
+                f"map, {self.model.num_features}: set hidden_size={self.model.num_features}."
+            )
+        for module in self.model.modules():
+            module._is_hf_initialized = True  # keep timm's (kaiming) initialisation
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cells = self.model.forward_features(pixel_values).flatten(2).transpose(1, 2)  # (n, h * w, d)
+        return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
+
+
 class RefersRecurrentConcat(nn.Linear):
     """Recurrent concatenation: `[patch_i ; aggregation]` (2d) -> linear -> d for every patch token.
 
@@ -337,6 +361,8 @@ class RefersPreTrainedModel(PreTrainedModel):
         """
         base = self.base_model
         state_dict = _read_state_dict(state_dict_or_path)
+        if base.conv_backbone is not None:
+            return self._load_timm_cnn_weights(base, state_dict, strict)
         converted, unexpected = convert_timm_vit_state_dict(state_dict, base.config)
         own = base.state_dict()
         for key, value in converted.items():
@@ -361,6 +387,30 @@ class RefersPreTrainedModel(PreTrainedModel):
         return report
 
 
+    @staticmethod
+    def _load_timm_cnn_weights(base, state_dict: dict, strict: bool) -> "TimmLoadReport":
+        """A timm CNN state dict (its own key names) into `conv_backbone.model`; the ImageNet classifier is dropped."""
+        cnn = base.conv_backbone.model
+        own = cnn.state_dict()
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(f"timm weight for `{key}` has shape {tuple(value.shape)} but {base.config.backbone} "
+                                 f"here expects {tuple(own[key].shape)}; check num_channels.")
+        result = cnn.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        unexpected = sorted(k for k in state_dict if k not in own)
+        report = TimmLoadReport(missing_keys=[f"conv_backbone.model.{k}" for k in result.missing_keys],
+                                unexpected_keys=unexpected)
+        logger.warning(str(report))
+        head = cnn.default_cfg.get("classifier", "fc") if hasattr(cnn, "default_cfg") else "fc"
+        unexpected_real = [k for k in unexpected if not k.startswith((f"{head}.", "fc.", "classifier.", "head."))]
+        if strict and (report.missing_keys or unexpected_real):
+            raise ValueError(
+                f"The timm state dict does not match {base.config.backbone}. Missing: {report.missing_keys}. "
+                f"Unexpected: {unexpected_real}. Pass strict=False to load what matches."
+            )
+        return report
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,10 +427,15 @@ class RefersModel(RefersPreTrainedModel):
     def __init__(self, config: RefersConfig):
         super().__init__(config)
         self.config = config
-        self.embeddings = RefersEmbeddings(config)
-        self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
-        self.recurrent_concat = RefersRecurrentConcat(config) if config.aggregation == "recurrent_concat" else None
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embeddings = self.layers = self.recurrent_concat = self.layernorm = self.conv_backbone = None
+        if config.backbone == "vit":
+            self.embeddings = RefersEmbeddings(config)
+            self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
+            if config.aggregation == "recurrent_concat":
+                self.recurrent_concat = RefersRecurrentConcat(config)
+            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:  # the paper's CNN ablation row, RadTex, ...: a timm CNN encodes each view
+            self.conv_backbone = RefersConvBackbone(config)
         # Built only where used (not in the `use_view_fusion=False` ablation), so no parameter sits idle and
         # DistributedDataParallel runs with find_unused_parameters=False; single images go through it as one-view
         # studies.
@@ -388,12 +443,16 @@ class RefersModel(RefersPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        if self.conv_backbone is not None:  # the CNN's first convolution (its stem)
+            return next(m for m in self.conv_backbone.modules() if isinstance(m, nn.Conv2d))
         return self.embeddings.patch_embeddings
 
     def forward_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
     ) -> torch.Tensor:
-        """Radiograph transformer on single images: `(n, C, H, W)` -> `(n, 1 + num_patches, hidden_size)`."""
+        """Radiograph transformer (or CNN) on single images: `(n, C, H, W)` -> `(n, 1 + num_patches, hidden_size)`."""
+        if self.conv_backbone is not None:
+            return self.conv_backbone(pixel_values.to(next(self.conv_backbone.parameters()).dtype))
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         hidden_states = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding=interpolate_pos_encoding)
         last = len(self.layers) - 1
@@ -459,7 +518,12 @@ class RefersModel(RefersPreTrainedModel):
         flat_mask = view_mask.reshape(-1)
         pixels = pixel_values.flatten(0, 1)
         pixels = torch.where(flat_mask[:, None, None, None], pixels, torch.zeros_like(pixels))
-        sequence = self.forward_features(pixels, interpolate_pos_encoding, **kwargs)
+        if self.conv_backbone is not None and self.training and not _is_traced():
+            # A CNN's BatchNorm normalises with the batch's statistics in training: only the real views may enter.
+            real = self.forward_features(pixels[flat_mask], interpolate_pos_encoding, **kwargs)
+            sequence = real.new_zeros(flat_mask.shape[0], *real.shape[1:]).index_put((flat_mask,), real)
+        else:
+            sequence = self.forward_features(pixels, interpolate_pos_encoding, **kwargs)
         sequence = torch.where(flat_mask[:, None, None], sequence, torch.zeros_like(sequence))
         last_hidden_state = sequence.reshape(batch_size, num_views, *sequence.shape[1:])
         pooled = last_hidden_state[:, :, 0]
