@@ -23,6 +23,7 @@ from .modeling_refers import (
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
+from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
@@ -61,6 +62,7 @@ __all__ = [
     "RefersForImageClassification",
     "RefersForPreTraining",
     "RefersForZeroShotImageClassification",
+    "RadTexForPreTraining",
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",

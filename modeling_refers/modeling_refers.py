@@ -312,7 +312,8 @@ class RefersPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.update({auto: f"modeling_refers.{name}" for auto, name in self._loadable_by.items()})
+        auto_map.update({auto: name if "." in name else f"modeling_refers.{name}"
+                         for auto, name in self._loadable_by.items()})
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 

@@ -38,6 +38,7 @@ from . import (
     train_report_tokenizer,
 )
 from .file_utils import atomic_write_text
+from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .training_refers import (
     PRETRAINING_RECIPES,
@@ -53,8 +54,19 @@ from .training_refers import (
 logger = logging.getLogger(__name__)
 
 
+# --method -> (pretraining class, its architecture defaults; `--config_overrides` apply on top)
+PRETRAINING_METHODS = {
+    "refers": (RefersForPreTraining, {}),
+    "radtex": (RadTexForPreTraining, RADTEX_DEFAULTS),
+}
+
+
 @dataclass
 class ModelArguments:
+    method: str = field(default="refers", metadata={
+        "help": f"One of {sorted(PRETRAINING_METHODS)}: 'refers' (report generation + study-report consistency, "
+                "radiograph transformer, view fusion) or 'radtex' (report generation only, timm ResNet-50, each view "
+                "captioned alone)."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
     config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})
@@ -165,9 +177,10 @@ def build_tokenizers(model_args, train_reports, output_dir, training_args):
 
 
 def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
+    model_class, defaults = PRETRAINING_METHODS[model_args.method]
     if model_args.model_name_or_path:
-        return RefersForPreTraining.from_pretrained(model_args.model_name_or_path)
-    config = RefersConfig.from_pretrained(model_args.config_name) if model_args.config_name else RefersConfig()
+        return model_class.from_pretrained(model_args.model_name_or_path)
+    config = RefersConfig.from_pretrained(model_args.config_name) if model_args.config_name else RefersConfig(**defaults)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
         config.check_architecture()
@@ -177,15 +190,15 @@ def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
     config.pad_token_id = decoder_ids.pad_token_id
     config.decoder_vocab_size = len(decoder_ids)
     text_encoder = model_args.text_encoder_name_or_path
-    if text_encoder and text_encoder.lower() != "none":
-        model = RefersForPreTraining.from_text_encoder_pretrained(
+    if config.use_study_report_consistency and text_encoder and text_encoder.lower() != "none":
+        model = model_class.from_text_encoder_pretrained(
             text_encoder, config=config, decoder_vocab_size=len(decoder_ids))
-    else:
+    else:  # a BERT built from the config, or none at all (report generation only: its tokenizer still reads reports)
         if model_args.text_config_overrides:
             config.text_config.update_from_string(model_args.text_config_overrides)
         config.text_config.vocab_size = len(tokenizer)
         config.text_config.pad_token_id = tokenizer.pad_token_id
-        model = RefersForPreTraining(config)
+        model = model_class(config)
     if model_args.vision_weights:
         model.load_timm_vit_weights(model_args.vision_weights)
     return model
@@ -193,6 +206,8 @@ def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
 
 def check_inputs(model_args, data_args, training_args) -> None:
     """Refuse bad paths and settings before anything is written, naming the argument."""
+    if model_args.method not in PRETRAINING_METHODS:
+        raise ValueError(f"--method must be one of {sorted(PRETRAINING_METHODS)}, got {model_args.method!r}")
     if training_args.recipe not in PRETRAINING_RECIPES:
         raise ValueError(f"--recipe must be one of {sorted(PRETRAINING_RECIPES)}, got {training_args.recipe!r}")
     if data_args.resize not in RESIZE_MODES:
@@ -240,6 +255,7 @@ def run_signature(model_args, data_args, training_args, train_set, eval_set) -> 
     study_ids = [str(i) for i in train_set.with_format(None, columns=["study_id"])["study_id"]]
     signature = {
         "script": "run_pretrain",
+        "method": model_args.method,
         "dataset_name": data_args.dataset_name,
         "data_dir": os.path.abspath(data_args.data_dir),
         "image_dir": os.path.abspath(data_args.image_dir) if data_args.image_dir else None,
@@ -265,7 +281,7 @@ def run_signature(model_args, data_args, training_args, train_set, eval_set) -> 
     return signature
 
 
-def describe_start(model_args) -> str:
+def describe_start(model_args, config) -> str:
     """The starting point by name (folder names, never local absolute paths)."""
     def name(path):
         return os.path.basename(os.path.normpath(path))
@@ -274,14 +290,17 @@ def describe_start(model_args) -> str:
         return f"continued from the REFERS checkpoint `{name(model_args.model_name_or_path)}`"
     parts = ["a new model"]
     text_encoder = model_args.text_encoder_name_or_path
-    if text_encoder and text_encoder.lower() != "none":
+    if not config.use_study_report_consistency:
+        parts.append("no report encoder (report generation only)")
+    elif text_encoder and text_encoder.lower() != "none":
         package = name(os.path.dirname(os.path.normpath(text_encoder)))
         label = f"`{package}/{name(text_encoder)}`" if package.startswith("gt_") else f"`{name(text_encoder)}`"
         parts.append(f"report encoder from the BERT {label}")
     else:
         parts.append("report encoder initialised at random")
-    parts.append(f"radiograph transformer from `{name(model_args.vision_weights)}`" if model_args.vision_weights
-                 else "radiograph transformer initialised at random")
+    encoder = "radiograph transformer" if config.backbone == "vit" else f"{config.backbone} CNN"
+    parts.append(f"{encoder} from `{name(model_args.vision_weights)}`" if model_args.vision_weights
+                 else f"{encoder} initialised at random")
     return ", ".join(parts)
 
 
@@ -387,8 +406,9 @@ def main(argv=None):
                 f"Pretrained on {len(train_set)} studies ({views} radiographs) of "
                 f"{dataset_display_name(data_args.dataset_name)} (folder "
                 f"`{os.path.basename(os.path.normpath(data_args.data_dir))}`): {state.global_step} optimiser steps "
-                f"({state.epoch or 0:.2f} epochs) at batch {total_batch}, recipe `{training_args.recipe}`; "
-                f"{describe_start(model_args)}{best}."))
+                f"({state.epoch or 0:.2f} epochs) at batch {total_batch}, method `{model_args.method}`, recipe "
+                f"`{training_args.recipe}`; "
+                f"{describe_start(model_args, config)}{best}."))
         save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
         atomic_write_text(os.path.join(training_args.output_dir, "pretrain_args.json"),
                           json.dumps({"model": vars(model_args), "data": vars(data_args)}, indent=2, default=str))

@@ -1,6 +1,8 @@
 """End-to-end `examples/run_pretrain.py` on real COVID-19-collection studies (tiny config, 2 steps)."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,48 @@ def test_prepared_data_is_what_the_run_reads(tmp_path, shared_data_dir, run_pret
     with pytest.raises(Exception, match="refers_prepared.json|not a prepared data set"):
         run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", "--output_dir", str(tmp_path / "other"),
                                  "--prepared_data_dir", str(tmp_path)))
+
+
+CNN_TINY = ("backbone=resnet18,aggregation=none,hidden_size=512,image_size=64,decoder_hidden_size=32,"
+            "decoder_num_attention_heads=4,decoder_intermediate_size=64")
+
+
+def test_radtex_method_trains_report_generation_on_a_cnn(tmp_path, shared_data_dir, run_pretrain):
+    """--method radtex: REFERS's decoder alone on a timm CNN, every view captioned on its own; the folder loads as
+    a classifier with only the head new, and with trust_remote_code where the package cannot be imported."""
+    import subprocess
+    import textwrap
+
+    from modeling_refers import RadTexForPreTraining, RefersForImageClassification
+
+    args = common_args(tmp_path, shared_data_dir, "--do_train", "--method", "radtex", "--max_steps", "2",
+                       "--text_encoder_name_or_path", "none", "--report_tokenizer_vocab_size", "300")
+    args[args.index("--config_overrides") + 1] = CNN_TINY
+    trainer = run_pretrain(args)
+    assert type(trainer.model) is RadTexForPreTraining and trainer.model.text_encoder is None
+    assert trainer.model.config.use_view_fusion is False and trainer.model.config.backbone == "resnet18"
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert logged and all("loss_contrast" not in e for e in logged)
+    assert all(e["loss_report"] == pytest.approx(e["loss"], abs=1e-4) for e in logged)  # the only loss
+    out = tmp_path / "run"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["RadTexForPreTraining"]
+    assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_radtex.RadTexForPreTraining"
+    assert "method `radtex`" in (out / "README.md").read_text()
+    assert "resnet18 CNN initialised at random" in (out / "README.md").read_text()
+    classifier, report = RefersForImageClassification.from_pretrained_checked(out, num_labels=2)
+    assert report.new_keys == ["classifier.bias", "classifier.weight"]
+    script = textwrap.dedent(f"""
+        import sys, transformers
+        model = transformers.AutoModelForPreTraining.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert type(model).__name__ == "RadTexForPreTraining" and "modeling_refers" not in sys.modules
+        print("remote-ok")
+    """)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0 and "remote-ok" in run.stdout, run.stderr[-3000:]
+    with pytest.raises(ValueError, match="RadTex trains report generation only"):
+        RadTexForPreTraining(RadTexForPreTraining.default_config(use_study_report_consistency=True))
+    with pytest.raises(ValueError, match="--method must be one of"):
+        run_pretrain(common_args(tmp_path, shared_data_dir, "--do_train", "--method", "mrm"))
