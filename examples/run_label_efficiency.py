@@ -47,7 +47,7 @@ COLUMNS = ["init", "architecture", "data", "label_ratio", "train_images", "test_
 # RefersConfig fields that make two classifiers the same network trained the same way (all initialisations of a grid
 # must share them).
 ARCHITECTURE_FIELDS = (
-    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "backbone", "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "aggregation", "num_views", "view_fusion",
     "view_fusion_hidden_size", "use_view_fusion", "hidden_dropout_prob", "attention_probs_dropout_prob",
 )
@@ -71,11 +71,15 @@ def parse_init(text: str) -> tuple[str, list[str]]:
 def architecture_of(config) -> dict:
     """The ARCHITECTURE_FIELDS of a RefersConfig (or a results.json `config` dict)."""
     get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
-    return {name: get(name) for name in ARCHITECTURE_FIELDS}
+    arch = {name: get(name) for name in ARCHITECTURE_FIELDS}
+    arch["backbone"] = arch["backbone"] or "vit"  # results written before CNN backbones existed
+    return arch
 
 
 def architecture_text(arch: dict) -> str:
     """One line, e.g. "ViT 112px/16, width 192, 4 layers, 3 heads, MLP 768, recurrent_concat, 3 views"."""
+    if arch.get("backbone", "vit") != "vit":
+        return f"{arch['backbone']} CNN {arch['image_size']}px, width {arch['hidden_size']}, {arch['num_views']} views"
     return (f"ViT {arch['image_size']}px/{arch['patch_size']}, width {arch['hidden_size']}, "
             f"{arch['num_hidden_layers']} layers, {arch['num_attention_heads']} heads, MLP {arch['intermediate_size']}, "
             f"{arch['aggregation']}, {arch['num_views']} views")
@@ -101,7 +105,7 @@ def timm_architecture(path: str) -> dict:
         for wrapper in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
-    arch = {}
+    arch = {"backbone": "vit"}
     if "patch_embed.proj.weight" in state:
         hidden, channels, patch, _ = state["patch_embed.proj.weight"].shape
         arch.update(hidden_size=int(hidden), num_channels=int(channels), patch_size=int(patch))

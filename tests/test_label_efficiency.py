@@ -116,3 +116,21 @@ def test_a_reused_cell_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"another architecture than the grid's \(image_size: cell 224, grid 32"):
         run_label_efficiency.main(["--output_dir", str(out), "--ratios", "1.0", "--seeds", "0", "--inits", "random",
                                    "--", "--config_overrides", tiny])
+
+
+def test_a_cnn_checkpoint_gets_cnn_cells_and_is_not_mixed_with_a_vit(tmp_path, nih_dir, monkeypatch):
+    """RadTex / CNN-ablation checkpoints: the random cell is built with the CNN; a ViT checkpoint beside it is
+    refused naming `backbone`."""
+    calls = []
+    monkeypatch.setattr(run_finetune, "main", lambda argv: calls.append(argv) or {})
+    cnn = _checkpoint(tmp_path / "cnn", backbone="resnet18", aggregation="none", hidden_size=512)
+    vit = _checkpoint(tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"backbone: a='resnet18', b='vit'"):
+        run_label_efficiency.main(["--output_dir", str(tmp_path / "grid"), "--data_dir", nih_dir, "--ratios", "1.0",
+                                   "--seeds", "0", "--inits", f"a={cnn}", f"b={vit}"])
+    assert calls == []
+    arch = run_label_efficiency.checkpoint_architecture(cnn)
+    assert arch["backbone"] == "resnet18"
+    assert run_label_efficiency.architecture_text(arch) == "resnet18 CNN 48px, width 512, 2 views"
+    overrides = run_label_efficiency.cell_overrides(arch, None)
+    assert "backbone=resnet18" in overrides.split(",") and "aggregation=none" in overrides.split(",")
