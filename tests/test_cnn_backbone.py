@@ -109,3 +109,22 @@ def test_bad_cnn_configs_are_named(overrides, match):
 def test_cnn_width_must_match_hidden_size():
     with pytest.raises(ValueError, match="set hidden_size=512"):
         RefersModel(cnn_config(hidden_size=256))
+
+
+def test_cnn_keeps_timms_initialisation_and_takes_one_channel(radiographs):
+    """The CNN's weights are timm's own initialisation (kaiming, zero-initialised last BatchNorm of each block), not
+    the ViT-style truncated normal the other REFERS modules get; `num_channels=1` builds a one-channel stem."""
+    import timm
+
+    torch.manual_seed(3)
+    model = RefersModel(cnn_config())
+    torch.manual_seed(3)
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="")
+    ours = model.conv_backbone.model.state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=key)
+    assert ours["layer1.0.bn2.weight"].abs().sum() == 0  # timm's zero_init_last: the ViT init would not do this
+    grey = RefersModel(cnn_config(num_channels=1)).eval()
+    assert grey.get_input_embeddings().in_channels == 1
+    out = grey(radiographs(2, size=64)[:, :1])
+    assert out.last_hidden_state.shape == (2, 5, 512)

@@ -380,3 +380,22 @@ def test_report_decoder_with_two_layers_is_causal(batch, attn_implementation):
             torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5,
                                        msg=f"token {t + 1} changed the logits before it")
             assert (logits[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4
+
+
+def test_without_view_fusion_each_view_pairs_with_its_report_and_all_its_patch_tokens(batch):
+    """`use_view_fusion=False` (ablation): the decoder reads every patch token of each real view (not the
+    aggregation token), one copy of the study's report per view; without `view_mask` every view is real."""
+    torch.manual_seed(5)
+    model = RefersForPreTraining(tiny_pretraining_config(use_view_fusion=False)).eval()
+    seen = {}
+    model.report_decoder.memory_projection.register_forward_hook(lambda m, args, out: seen.update(memory=args[0]))
+    real = batch["view_mask"].flatten().bool()
+    with torch.no_grad():
+        out = model(**batch)
+        tokens = model.refers.forward_features(batch["pixel_values"].flatten(0, 1)[real])
+    assert seen["memory"].shape == (int(real.sum()), tokens.shape[1] - 1, tokens.shape[2])
+    torch.testing.assert_close(seen["memory"], tokens[:, 1:])
+    assert out.report_logits.shape[0] == int(real.sum())  # 5 real views, each decoding its study's report
+    with torch.no_grad():
+        everything = model(**{k: v for k, v in batch.items() if k != "view_mask"})
+    assert everything.report_logits.shape[0] == 6
