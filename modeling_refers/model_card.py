@@ -267,9 +267,11 @@ def _body(
     if fine_tuned:
         datasets_text = ", ".join(_test_set_name(r) for r in results)
         inits = ", ".join(dict.fromkeys(_init_text(r) for r in results))
+        backbones = {(r.get("config") or {}).get("backbone") or "vit" for r in results}
+        encoder = ("A radiograph transformer (ViT, REFERS architecture)" if backbones == {"vit"}
+                   else f"A {' / '.join(sorted(backbones))} CNN (timm, REFERS view encoder)")
         out.append(
-            f"A radiograph transformer (ViT, REFERS architecture) fine-tuned for chest X-ray classification on "
-            f"{datasets_text}, initialised from {inits}."
+            f"{encoder} fine-tuned for chest X-ray classification on {datasets_text}, initialised from {inits}."
         )
     else:
         out.append(

@@ -218,3 +218,13 @@ def test_card_names_data_steps_and_start_and_shows_no_local_path(tmp_path):
         "NIH ChestX-ray14, folder nih_chestxray14_sample, 64x64 px: test split of 181 images")
     # A Hub id stays.
     assert make_model_card(results, model_name="m", base_model="org/refers").data.base_model == "org/refers"
+
+
+def test_a_cnn_classifier_card_does_not_call_it_a_vision_transformer():
+    results = _results()
+    results["config"] = {**results.get("config", {}), "backbone": "resnet50"}
+    text = str(make_model_card(results, model_name="radtex-nih"))
+    assert "A resnet50 CNN (timm, REFERS view encoder) fine-tuned" in text
+    assert "A radiograph transformer (ViT" not in text
+    assert "A radiograph transformer (ViT, REFERS architecture) fine-tuned" in str(
+        make_model_card(_results(), model_name="refers-nih"))
