@@ -24,6 +24,7 @@ from .modeling_refers import (
 from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
+from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
@@ -63,6 +64,7 @@ __all__ = [
     "RefersForPreTraining",
     "RefersForZeroShotImageClassification",
     "RadTexForPreTraining",
+    "JoImTeRNetForPreTraining",
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",

@@ -38,6 +38,7 @@ from . import (
     train_report_tokenizer,
 )
 from .file_utils import atomic_write_text
+from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .training_refers import (
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 PRETRAINING_METHODS = {
     "refers": (RefersForPreTraining, {}),
     "radtex": (RadTexForPreTraining, RADTEX_DEFAULTS),
+    "joimternet": (JoImTeRNetForPreTraining, JOIMTERNET_DEFAULTS),
 }
 
 
@@ -65,8 +67,8 @@ PRETRAINING_METHODS = {
 class ModelArguments:
     method: str = field(default="refers", metadata={
         "help": f"One of {sorted(PRETRAINING_METHODS)}: 'refers' (report generation + study-report consistency, "
-                "radiograph transformer, view fusion) or 'radtex' (report generation only, timm ResNet-50, each view "
-                "captioned alone)."})
+                "radiograph transformer, view fusion), 'radtex' (report generation only, timm ResNet-50, each view "
+                "captioned alone) or 'joimternet' (global image-report and local region-word matching, DAMSM)."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
     config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})

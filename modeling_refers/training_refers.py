@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # Parameters of these modules learn at the text learning rate (paper: 3e-4 for the report decoder and BERT).
 TEXT_MODULE_PREFIXES = ("report_decoder.", "text_encoder.", "text_projection.")
 DECODER_MODULE_PREFIXES = ("report_decoder.",)
+# Parts of a pretraining loss that the trainer logs beside `loss` when a model returns them.
+LOGGED_LOSS_PARTS = ("loss_report", "loss_contrast", "loss_global", "loss_local")
 
 # The two pretraining recipes. "paper": the paper's text (decoder and BERT at the text learning rate 3e-4, no
 # Lookahead). "official": the released code (Pre-train/refers/config.py and factories.py of funnyzhou/REFERS): only
@@ -191,7 +193,7 @@ class RefersTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            for key in ("loss_report", "loss_contrast"):
+            for key in LOGGED_LOSS_PARTS:
                 value = outputs.get(key) if hasattr(outputs, "get") else None
                 if value is not None:
                     self._loss_parts.setdefault(key, []).append(value.detach().float().item())
