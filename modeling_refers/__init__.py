@@ -25,6 +25,7 @@ from .processing_refers import RefersProcessor, select_views, swap_left_right, t
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
 from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
+from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
@@ -65,6 +66,7 @@ __all__ = [
     "RefersForZeroShotImageClassification",
     "RadTexForPreTraining",
     "JoImTeRNetForPreTraining",
+    "MRMForPreTraining",
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",

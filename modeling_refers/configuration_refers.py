@@ -114,6 +114,12 @@ class RefersConfig(PreTrainedConfig):
         freeze_text_encoder (`bool`, defaults to `False`): keep the text encoder's weights fixed.
         tie_word_embeddings (`bool`, defaults to `True`): tie the report decoder's output weights to its input
             embeddings (official code); `False` keeps (and saves) a separate output layer.
+        mrm_mask_ratio (`float`, defaults to 0.75), mrm_norm_pix_loss (`bool`, defaults to `True`),
+        mrm_reconstruction_size (`int`, *optional*), mrm_decoder_hidden_size (512), mrm_decoder_num_hidden_layers (8),
+        mrm_decoder_num_attention_heads (16), mrm_decoder_intermediate_size (2048), mrm_report_mask_ratio (0.5):
+            MRM's image branch (the share of patches masked, per-patch normalised targets, a larger target image for
+            the official code's super-resolution, e.g. 448 for 224, and the light MAE decoder) and the share of report
+            words masked. Read by `MRMForPreTraining` only.
     """
 
     model_type = "refers"
@@ -155,6 +161,15 @@ class RefersConfig(PreTrainedConfig):
     use_study_report_consistency: bool = True
     freeze_text_encoder: bool = False
     tie_word_embeddings: bool = True
+    # MRM (masked record modeling; Zhou et al., ICLR 2023): read only by MRMForPreTraining
+    mrm_mask_ratio: float = 0.75
+    mrm_norm_pix_loss: bool = True
+    mrm_reconstruction_size: int | None = None
+    mrm_decoder_hidden_size: int = 512
+    mrm_decoder_num_hidden_layers: int = 8
+    mrm_decoder_num_attention_heads: int = 16
+    mrm_decoder_intermediate_size: int = 2048
+    mrm_report_mask_ratio: float = 0.5
 
     def __post_init__(self, **kwargs):
         aliases = {name: kwargs.pop(name) for name in list(kwargs) if name in DECODER_ALIASES}
@@ -250,6 +265,15 @@ class RefersConfig(PreTrainedConfig):
             raise ValueError(
                 "RefersConfig.contrastive_study_to_report_weight must be in [0, 1], got "
                 f"{self.contrastive_study_to_report_weight!r}."
+            )
+        for name in ("mrm_mask_ratio", "mrm_report_mask_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"RefersConfig.{name} must be in (0, 1), got {getattr(self, name)!r}.")
+        if self.mrm_reconstruction_size is not None and (
+                self.mrm_reconstruction_size < self.image_size or self.mrm_reconstruction_size % self.image_size):
+            raise ValueError(
+                f"RefersConfig.mrm_reconstruction_size ({self.mrm_reconstruction_size}) must be None or a multiple of "
+                f"image_size ({self.image_size}), e.g. 448 for 224 (the official code's super-resolution target)."
             )
         if not (self.use_report_generation or self.use_study_report_consistency):
             raise ValueError(

@@ -39,11 +39,14 @@ from . import (
 )
 from .file_utils import atomic_write_text
 from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
+from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .training_refers import (
     PRETRAINING_RECIPES,
     RESIZE_MODES,
+    MRM_RECIPE,
+    MaskedReportCollator,
     RefersTrainer,
     StudyReportCollator,
     default_text_encoder_path,
@@ -60,6 +63,7 @@ PRETRAINING_METHODS = {
     "refers": (RefersForPreTraining, {}),
     "radtex": (RadTexForPreTraining, RADTEX_DEFAULTS),
     "joimternet": (JoImTeRNetForPreTraining, JOIMTERNET_DEFAULTS),
+    "mrm": (MRMForPreTraining, MRM_DEFAULTS),
 }
 
 
@@ -68,7 +72,8 @@ class ModelArguments:
     method: str = field(default="refers", metadata={
         "help": f"One of {sorted(PRETRAINING_METHODS)}: 'refers' (report generation + study-report consistency, "
                 "radiograph transformer, view fusion), 'radtex' (report generation only, timm ResNet-50, each view "
-                "captioned alone) or 'joimternet' (global image-report and local region-word matching, DAMSM)."})
+                "captioned alone), 'joimternet' (global image-report and local region-word matching, DAMSM) or 'mrm' "
+                "(masked record modeling: MAE on the radiograph transformer + masked report words)."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
     config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})
@@ -122,10 +127,12 @@ class DataArguments:
 class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the paper's pretraining defaults."""
 
-    recipe: str = field(default="paper", metadata={
-        "help": f"One of {sorted(PRETRAINING_RECIPES)}: 'paper' (report decoder and BERT at --text_learning_rate, "
-                "no Lookahead) or 'official' (the released code: decoder at --learning_rate, only BERT at "
-                "--text_learning_rate, SGD inside Lookahead k 5, alpha 0.5)."})
+    recipe: str | None = field(default=None, metadata={
+        "help": f"One of {sorted(PRETRAINING_RECIPES) + ['mrm']} (default: 'mrm' for --method mrm, else 'paper'): "
+                "'paper' (report decoder and BERT at --text_learning_rate, no Lookahead), 'official' (the released "
+                "code: decoder at --learning_rate, only BERT at --text_learning_rate, SGD inside Lookahead k 5, "
+                "alpha 0.5) or 'mrm' (MRM's: AdamW (0.9, 0.95), one learning rate 1.5e-4 x total batch / 256 and "
+                "weight decay 0.05, replacing --learning_rate, --text_learning_rate and --weight_decay)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Radiograph transformer learning rate."})
     text_learning_rate: float = field(default=3e-4, metadata={
         "help": "BERT (and, with --recipe paper, report decoder) learning rate."})
@@ -210,8 +217,15 @@ def check_inputs(model_args, data_args, training_args) -> None:
     """Refuse bad paths and settings before anything is written, naming the argument."""
     if model_args.method not in PRETRAINING_METHODS:
         raise ValueError(f"--method must be one of {sorted(PRETRAINING_METHODS)}, got {model_args.method!r}")
-    if training_args.recipe not in PRETRAINING_RECIPES:
-        raise ValueError(f"--recipe must be one of {sorted(PRETRAINING_RECIPES)}, got {training_args.recipe!r}")
+    if training_args.recipe is None:
+        training_args.recipe = "mrm" if model_args.method == "mrm" else "paper"
+    if training_args.recipe not in (*PRETRAINING_RECIPES, "mrm"):
+        raise ValueError(f"--recipe must be one of {sorted([*PRETRAINING_RECIPES, 'mrm'])}, got "
+                         f"{training_args.recipe!r}")
+    if (training_args.recipe == "mrm") != (model_args.method == "mrm"):
+        raise ValueError("--recipe mrm goes with --method mrm (AdamW for its MAE and masked-report branches), and "
+                         f"--method mrm with --recipe mrm; got --method {model_args.method} --recipe "
+                         f"{training_args.recipe}")
     if data_args.resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
     for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
@@ -352,29 +366,46 @@ def main(argv=None):
                                                     training_args)
     model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
     config = model.config
+    # MRM's super-resolution target: the processor delivers the larger image, the model resizes it for the encoder
+    image_size = getattr(config, "mrm_reconstruction_size", None) if model_args.method == "mrm" else None
     processor = RefersProcessor(
-        RefersImageProcessor(**processor_sizes(config.image_size, data_args.resize)), tokenizer,
+        RefersImageProcessor(**processor_sizes(image_size or config.image_size, data_args.resize)), tokenizer,
         num_views=config.num_views, max_length=config.max_report_length)
     warn_if_upscaled(data_args.prepared_data_dir, processor_sizes(config.image_size, data_args.resize)["size"])
     if not config.use_view_fusion:
         training_args.ddp_find_unused_parameters = True  # the fusion module sits idle in this ablation
 
-    recipe = PRETRAINING_RECIPES[training_args.recipe]
-    decoder_lr = (training_args.learning_rate if recipe["decoder_learning_rate"] == "backbone"
-                  else training_args.text_learning_rate)
+    if training_args.recipe == "mrm":
+        total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size)
+        training_args.learning_rate = MRM_RECIPE["base_learning_rate"] * total_batch / 256
+        training_args.weight_decay = MRM_RECIPE["weight_decay"]
+        optimizer = dict(optimizer_name="adamw", adam_betas=MRM_RECIPE["adam_betas"], text_learning_rate=None,
+                         decoder_learning_rate=None, lookahead_steps=0)
+        collator = MaskedReportCollator
+    else:
+        recipe = PRETRAINING_RECIPES[training_args.recipe]
+        decoder_lr = (training_args.learning_rate if recipe["decoder_learning_rate"] == "backbone"
+                      else training_args.text_learning_rate)
+        optimizer = dict(text_learning_rate=training_args.text_learning_rate, decoder_learning_rate=decoder_lr,
+                         lookahead_steps=recipe["lookahead_steps"], lookahead_alpha=recipe["lookahead_alpha"],
+                         sgd_momentum=training_args.sgd_momentum)
+        collator = None
+
+    def make_collator(train: bool):
+        if collator is MaskedReportCollator:
+            return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio)
+        return StudyReportCollator(processor, train=train, decoder_tokenizer=decoder_tokenizer)
+
     trainer = RefersTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set if training_args.do_train else None,
         eval_dataset=eval_set if (training_args.do_eval or training_args.eval_strategy != "no") else None,
-        data_collator=StudyReportCollator(processor, train=data_args.augment, decoder_tokenizer=decoder_tokenizer),
-        eval_data_collator=StudyReportCollator(processor, train=False, decoder_tokenizer=decoder_tokenizer),
+        data_collator=make_collator(data_args.augment),
+        eval_data_collator=make_collator(False),
         processing_class=processor,
-        text_learning_rate=training_args.text_learning_rate,
-        decoder_learning_rate=decoder_lr,
-        lookahead_steps=recipe["lookahead_steps"],
-        lookahead_alpha=recipe["lookahead_alpha"],
-        sgd_momentum=training_args.sgd_momentum,
+        **optimizer,
     )
     logger.info(f"{training_args.world_size} process(es), {training_args.per_device_train_batch_size} studies each per "
                 f"step; FSDP {'on' if trainer.is_fsdp_enabled else 'off'}; global contrastive negatives "

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 TEXT_MODULE_PREFIXES = ("report_decoder.", "text_encoder.", "text_projection.")
 DECODER_MODULE_PREFIXES = ("report_decoder.",)
 # Parts of a pretraining loss that the trainer logs beside `loss` when a model returns them.
-LOGGED_LOSS_PARTS = ("loss_report", "loss_contrast", "loss_global", "loss_local")
+LOGGED_LOSS_PARTS = ("loss_report", "loss_contrast", "loss_global", "loss_local", "loss_image")
 
 # The two pretraining recipes. "paper": the paper's text (decoder and BERT at the text learning rate 3e-4, no
 # Lookahead). "official": the released code (Pre-train/refers/config.py and factories.py of funnyzhou/REFERS): only
@@ -38,6 +38,9 @@ PRETRAINING_RECIPES = {
     "paper": {"decoder_learning_rate": "text", "lookahead_steps": 0, "lookahead_alpha": 0.5},
     "official": {"decoder_learning_rate": "backbone", "lookahead_steps": 5, "lookahead_alpha": 0.5},
 }
+# MRM's recipe (RL4M/MRM-pytorch): AdamW (0.9, 0.95), base learning rate 1.5e-4 per 256 images, weight decay 0.05,
+# warm-up then cosine; one learning rate for every part.
+MRM_RECIPE = {"optimizer_name": "adamw", "adam_betas": (0.9, 0.95), "base_learning_rate": 1.5e-4, "weight_decay": 0.05}
 
 
 def worker_generator(cache: dict) -> np.random.Generator:
@@ -87,6 +90,45 @@ class StudyReportCollator:
 
 
 @dataclass
+class MaskedReportCollator:
+    """Source-domain rows -> MRM inputs: the processor's studies, and the report with `mask_ratio` of its words
+    masked whole (transformers' `DataCollatorForLanguageModeling(whole_word_mask=True)`, every masked token replaced
+    by [MASK]); `labels` hold the original ids at masked tokens, -100 elsewhere. Left/right are swapped in the
+    report when a study is flipped, as for REFERS."""
+
+    processor: object
+    train: bool
+    mask_ratio: float = 0.5
+    _generators: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from transformers import DataCollatorForLanguageModeling
+
+        reports = [example["report"] for example in examples]
+        batch = self.processor(
+            images=[example["images"] for example in examples], text=reports,
+            study_ids=[example.get("study_id") for example in examples], do_train_augment=self.train,
+            generator=worker_generator(self._generators) if self.train else None, return_flipped=True,
+            return_tensors="pt",
+        )
+        flipped = batch.pop("flipped").tolist()
+        texts = [swap_left_right(r) if f else r for r, f in zip(reports, flipped)]
+        tokenizer = self.processor.tokenizer
+        encoded = tokenizer(texts, padding="longest", truncation=True, max_length=self.processor.max_length,
+                            return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=self.mask_ratio, whole_word_mask=True,
+                                                 mask_replace_prob=1.0, random_replace_prob=0.0)
+        if self.train:  # reproducible per worker, like the image augmentation
+            masker.generator = torch.Generator().manual_seed(int(worker_generator(self._generators).integers(2**31)))
+        else:
+            masker.generator = torch.Generator().manual_seed(0)
+        input_ids, labels = masker.torch_mask_tokens(encoded["input_ids"].clone(), encoded["special_tokens_mask"],
+                                                     encoded["offset_mapping"])
+        batch["input_ids"], batch["attention_mask"], batch["labels"] = input_ids, encoded["attention_mask"], labels
+        return dict(batch)
+
+
+@dataclass
 class ImageLabelCollator:
     """Target-domain rows (`image`, `labels`) -> `pixel_values` `(B, C, H, W)` and `labels` through a
     `RefersImageProcessor` (train-time augmentation at train). Multi-hot labels become float, class ids long."""
@@ -122,11 +164,15 @@ class RefersTrainer(Trainer):
 
     def __init__(self, *args, text_learning_rate: float | None = None, sgd_momentum: float = 0.9,
                  decoder_learning_rate: float | None = None, lookahead_steps: int = 0, lookahead_alpha: float = 0.5,
-                 eval_data_collator=None, **kwargs):
+                 optimizer_name: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.95), eval_data_collator=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if lookahead_steps < 0 or not 0.0 <= lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_steps must be >= 0 and lookahead_alpha in [0, 1], got {lookahead_steps}, "
                              f"{lookahead_alpha}")
+        if optimizer_name not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer_name must be 'sgd' or 'adamw', got {optimizer_name!r}")
+        self.optimizer_name, self.adam_betas = optimizer_name, tuple(adam_betas)
         self.text_learning_rate = text_learning_rate
         self.decoder_learning_rate = decoder_learning_rate
         self.lookahead_steps = int(lookahead_steps)
@@ -173,11 +219,11 @@ class RefersTrainer(Trainer):
                 continue
             weight_decay = self.args.weight_decay if name in decay else 0.0
             groups.setdefault((self.learning_rate_of(name), weight_decay), []).append(param)
-        optimizer = torch.optim.SGD(
-            [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
-            lr=self.args.learning_rate,
-            momentum=self.sgd_momentum,
-        )
+        param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+        if self.optimizer_name == "adamw":  # MRM's recipe: AdamW (0.9, 0.95)
+            optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate, betas=self.adam_betas)
+        else:
+            optimizer = torch.optim.SGD(param_groups, lr=self.args.learning_rate, momentum=self.sgd_momentum)
         if self.lookahead_steps:
             from timm.optim import Lookahead
 

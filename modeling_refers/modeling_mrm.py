@@ -1,0 +1,174 @@
+"""MRM, masked record modeling (Zhou et al., ICLR 2023; official code RL4M/MRM-pytorch).
+
+- Image branch: MAE on the radiograph transformer. `mrm_mask_ratio` (75%) of every view's patches are masked at
+  random and only the visible ones enter the encoder (gathered: no compute on masked patches); transformers' ViT-MAE
+  decoder (8 blocks, width 512, 16 heads) reconstructs the masked patches; the loss is the MSE on masked patches only,
+  against per-patch normalised pixels (`mrm_norm_pix_loss`). With `mrm_reconstruction_size` (the official code's
+  448 for 224) the target is the larger image: each 16-px input patch predicts its 32 x 32 pixels.
+- Report branch: `mrm_report_mask_ratio` (50%) of the report's words are masked (whole words, by the collator), the
+  BERT report encoder predicts them, conditioned on the image by adding the projected mean of the visible patch
+  features of the study to every token embedding; cross-entropy on masked positions only.
+- Loss = image + report, 1:1.
+
+Built on REFERS's radiograph transformer and BERT report encoder (subclass of `RefersForPreTraining`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import ViTMAEConfig
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder
+
+from .configuration_refers import RefersConfig
+from .modeling_refers import RefersForPreTraining
+
+MRM_DEFAULTS = dict(use_report_generation=False, use_study_report_consistency=True, use_view_fusion=False,
+                    aggregation="none")
+
+
+def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None):
+    """MAE's per-image random masking: `(ids_keep (n, K), mask (n, P), ids_restore (n, P))` with
+    `K = int(P * (1 - mask_ratio))` visible patches, `mask` 1 on masked patches (in patch order)."""
+    keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(num_images, num_patches, generator=generator, device=device)
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(num_images, num_patches, device=device)
+    mask[:, :keep] = 0
+    return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(n, C, H, W)` -> `(n, (H / p) * (W / p), p * p * C)`, row-major patches, pixels (p, p, C) inside (as MAE)."""
+    n, c, h, w = pixel_values.shape
+    x = pixel_values.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch_size) * (w // patch_size), patch_size**2 * c)
+
+
+def masked_patch_loss(target: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor,
+                      norm_pix_loss: bool = True) -> torch.Tensor:
+    """MAE's loss: mean squared error per patch, averaged over the masked patches only (`mask` 1 = masked);
+    with `norm_pix_loss` every target patch is normalised by its own mean and variance (eps 1e-6)."""
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((prediction - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+@dataclass
+class MRMForPreTrainingOutput(ModelOutput):
+    """loss = loss_image + loss_report. `reconstruction` `(n, P, p * p * C)` for the n real views; `mask` `(n, P)`
+    1 on masked patches; `report_logits` `(B, T, vocab)`."""
+
+    loss: torch.Tensor | None = None
+    loss_image: torch.Tensor | None = None
+    loss_report: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    report_logits: torch.Tensor | None = None
+
+
+class MRMForPreTraining(RefersForPreTraining):
+    """MRM pretraining on REFERS's radiograph transformer and BERT report encoder; see the module docstring.
+
+    Inputs: studies `(B, V, C, H, W)` + `view_mask` (or images `(B, C, H, W)`), the masked report `input_ids`,
+    `attention_mask` and `labels` (-100 except at masked tokens; `MaskedReportCollator` makes them). With
+    `mrm_reconstruction_size`, `pixel_values` are at that size and the encoder sees them resized to `image_size`.
+    """
+
+    _loadable_by = {**RefersForPreTraining._loadable_by, "AutoModelForPreTraining": "modeling_mrm.MRMForPreTraining"}
+
+    def __init__(self, config: RefersConfig):
+        if config.backbone != "vit" or config.aggregation == "recurrent_concat":
+            raise ValueError("MRM masks patches of the radiograph transformer: RefersConfig needs backbone='vit' and "
+                             "aggregation 'none' or 'cls_add' (MRMForPreTraining.default_config() sets them).")
+        if config.use_report_generation or not config.use_study_report_consistency or config.use_view_fusion:
+            raise ValueError("MRM's branches are masked patches and masked report words: RefersConfig needs "
+                             "use_report_generation=False, use_study_report_consistency=True, use_view_fusion=False.")
+        super().__init__(config)
+        scale = (config.mrm_reconstruction_size or config.image_size) // config.image_size
+        mae = ViTMAEConfig(
+            hidden_size=config.hidden_size, decoder_hidden_size=config.mrm_decoder_hidden_size,
+            decoder_num_hidden_layers=config.mrm_decoder_num_hidden_layers,
+            decoder_num_attention_heads=config.mrm_decoder_num_attention_heads,
+            decoder_intermediate_size=config.mrm_decoder_intermediate_size, patch_size=config.patch_size * scale,
+            num_channels=config.num_channels, image_size=config.image_size * scale, layer_norm_eps=config.layer_norm_eps,
+            hidden_act=config.hidden_act, qkv_bias=config.qkv_bias,
+        )
+        mae._attn_implementation = config._attn_implementation or "sdpa"  # the decoder follows the model's choice
+        self.image_decoder = ViTMAEDecoder(mae, num_patches=config.num_patches)
+        self.report_condition = nn.Linear(config.hidden_size, config.text_config.hidden_size)
+        self.report_head = BertOnlyMLMHead(config.text_config)
+        for module in (self.image_decoder.decoder_embed, self.image_decoder.decoder_pred, self.report_condition):
+            self._init_weights(module)
+
+    @classmethod
+    def default_config(cls, **overrides) -> RefersConfig:
+        """A `RefersConfig` with MRM's settings (`MRM_DEFAULTS`), then `overrides`."""
+        return RefersConfig(**{**MRM_DEFAULTS, **overrides})
+
+    def encode_visible(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The radiograph transformer on the visible patches only: `(n, C, H, W)`, `ids_keep` `(n, K)` ->
+        `(n, 1 + K, d)` (aggregation token first)."""
+        vit = self.refers
+        embeddings = vit.embeddings.patch_embeddings(pixel_values) + vit.embeddings.position_embeddings[:, 1:]
+        visible = torch.gather(embeddings, 1, ids_keep[..., None].expand(-1, -1, embeddings.shape[-1]))
+        cls = (vit.embeddings.cls_token + vit.embeddings.position_embeddings[:, :1]).expand(visible.shape[0], -1, -1)
+        hidden_states = torch.cat([cls, visible], dim=1)
+        for layer in vit.layers:
+            hidden_states = layer(hidden_states, None)
+        hidden_states = vit.layernorm(hidden_states)
+        if self.config.aggregation == "cls_add":
+            hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, 1:] + hidden_states[:, :1]], dim=1)
+        return hidden_states
+
+    def forward(self, pixel_values=None, view_mask=None, input_ids=None, attention_mask=None, labels=None,
+                generator=None, return_loss=True, **kwargs) -> MRMForPreTrainingOutput:
+        r"""
+        pixel_values (`(B, V, C, H, W)` or `(B, C, H, W)`), view_mask (`(B, V)`): the studies (H = W =
+            `mrm_reconstruction_size` when set, else `image_size`).
+        input_ids, attention_mask, labels (`(B, T)`): the masked report and the original ids at masked positions.
+        generator (`torch.Generator`, *optional*): randomness of the patch masking.
+        """
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+        batch_size, num_views = pixel_values.shape[:2]
+        real = (torch.ones(batch_size, num_views, dtype=torch.bool, device=pixel_values.device) if view_mask is None
+                else view_mask.bool())
+        images = pixel_values[real]  # (n, C, H, W): the real views
+        owner = real.nonzero()[:, 0]  # the study of each real view
+        inputs = images
+        if images.shape[-1] != self.config.image_size:  # super-resolution: the encoder sees the image at image_size
+            inputs = nn.functional.interpolate(images, size=(self.config.image_size,) * 2, mode="bilinear",
+                                               antialias=True, align_corners=False)
+        ids_keep, mask, ids_restore = random_patch_masking(inputs.shape[0], self.config.num_patches,
+                                                           self.config.mrm_mask_ratio, generator, inputs.device)
+        encoded = self.encode_visible(inputs, ids_keep)
+        reconstruction = self.image_decoder(encoded, ids_restore).logits  # (n, P, (p * scale)^2 * C)
+        loss_image = masked_patch_loss(patchify(images, self.image_decoder.config.patch_size), reconstruction,
+                                       mask, self.config.mrm_norm_pix_loss) if return_loss else None
+
+        loss_report = report_logits = None
+        if input_ids is not None:
+            visible_mean = encoded[:, 1:].mean(dim=1)  # (n, d) per view, then the mean over the study's views
+            study_mean = torch.zeros(batch_size, visible_mean.shape[-1], dtype=visible_mean.dtype,
+                                     device=visible_mean.device).index_add(0, owner, visible_mean)
+            study_mean = study_mean / real.sum(dim=1, keepdim=True).clamp_min(1)
+            embeddings = self.text_encoder.embeddings.word_embeddings(input_ids)
+            embeddings = embeddings + self.report_condition(study_mean)[:, None]
+            text = self.text_encoder(inputs_embeds=embeddings, attention_mask=attention_mask)
+            report_logits = self.report_head(text.last_hidden_state)
+            if labels is not None and return_loss:
+                loss_report = nn.functional.cross_entropy(report_logits.flatten(0, 1), labels.flatten(),
+                                                          ignore_index=-100)
+        parts = [part for part in (loss_image, loss_report) if part is not None]
+        loss = torch.stack(parts).sum() if parts and return_loss else None
+        return MRMForPreTrainingOutput(loss=loss, loss_image=loss_image, loss_report=loss_report,
+                                       reconstruction=reconstruction, mask=mask, report_logits=report_logits)
+
+
+__all__ = ["MRM_DEFAULTS", "MRMForPreTraining", "masked_patch_loss", "patchify", "random_patch_masking"]
