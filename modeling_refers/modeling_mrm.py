@@ -86,9 +86,11 @@ class MRMForPreTraining(RefersForPreTraining):
         if config.backbone != "vit" or config.aggregation == "recurrent_concat":
             raise ValueError("MRM masks patches of the radiograph transformer: RefersConfig needs backbone='vit' and "
                              "aggregation 'none' or 'cls_add' (MRMForPreTraining.default_config() sets them).")
-        if config.use_report_generation or not config.use_study_report_consistency or config.use_view_fusion:
+        if config.use_report_generation or not config.use_study_report_consistency:
             raise ValueError("MRM's branches are masked patches and masked report words: RefersConfig needs "
-                             "use_report_generation=False, use_study_report_consistency=True, use_view_fusion=False.")
+                             "use_report_generation=False and use_study_report_consistency=True.")
+        # use_view_fusion=True is allowed (the fusion is not trained by MRM; it keeps its initialisation), so that
+        # an MRM checkpoint has the architecture of a REFERS one for a fair fine-tuning comparison.
         super().__init__(config)
         scale = (config.mrm_reconstruction_size or config.image_size) // config.image_size
         mae = ViTMAEConfig(
