@@ -167,7 +167,8 @@ def main():
     views = sum(len(v) for v in studies["images"])
     rows = summarise(out, args.ratios, sizes)
     header = (f"Pretraining: {args.pretrain_steps} steps at batch {args.pretrain_batch} on {len(studies)} COVID-19-"
-              f"collection training studies ({views} radiographs, clinical notes as reports), data `{data_root}`; "
+              f"collection training studies ({views} radiographs, clinical notes as reports), data "
+              f"`{os.path.relpath(data_root.resolve(), REPO)}`; "
               f"fine-tuning: {args.epochs} epochs, seeds {args.seeds}, the checkpoint with the best validation AUC "
               "tested. p: Welch's t-test against the random initialisation of the same backbone.")
     atomic_write_text(f"{args.report}.md", markdown(rows, header))
