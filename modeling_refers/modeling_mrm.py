@@ -105,6 +105,10 @@ class MRMForPreTraining(RefersForPreTraining):
         self.image_decoder = ViTMAEDecoder(mae, num_patches=config.num_patches)
         self.report_condition = nn.Linear(config.hidden_size, config.text_config.hidden_size)
         self.report_head = BertOnlyMLMHead(config.text_config)
+        # BERT ties `predictions.bias` to the output layer's bias when the whole model is tied; standalone, the output
+        # layer keeps its own bias and this copy would sit idle
+        self.report_head.predictions.bias.requires_grad_(False)
+        self.text_projection = None  # MRM predicts report words; it does not embed whole reports
         for module in (self.image_decoder.decoder_embed, self.image_decoder.decoder_pred, self.report_condition):
             self._init_weights(module)
 

@@ -372,8 +372,9 @@ def main(argv=None):
         RefersImageProcessor(**processor_sizes(image_size or config.image_size, data_args.resize)), tokenizer,
         num_views=config.num_views, max_length=config.max_report_length)
     warn_if_upscaled(data_args.prepared_data_dir, processor_sizes(config.image_size, data_args.resize)["size"])
-    if not config.use_view_fusion or (model_args.method == "mrm" and config.use_view_fusion):
-        training_args.ddp_find_unused_parameters = True  # the fusion module sits idle in this ablation / in MRM
+    if not config.use_view_fusion or model_args.method == "mrm":
+        # idle parameters: the fusion in this ablation; in MRM the report encoder's pooler (and an idle fusion)
+        training_args.ddp_find_unused_parameters = True
 
     if training_args.recipe == "mrm":
         total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps

@@ -185,3 +185,31 @@ def test_run_pretrain_method_mrm(tmp_path, shared_data_dir):
         assert entry["loss_image"] + entry["loss_report"] == pytest.approx(entry["loss"], abs=2e-4)
     with pytest.raises(ValueError, match="--recipe mrm goes with --method mrm"):
         pretrain_refers.main(["--output_dir", str(tmp_path / "x"), "--method", "mrm", "--recipe", "paper"])
+
+
+def test_gradient_reaches_exactly_the_parameters_each_method_trains(studies, radiographs):
+    """After one backward pass, the parameters outside the graph (no gradient at all) are exactly the ones a method
+    leaves idle. (A zero gradient is not idle: timm's ResNet zero-initialises each block's last BatchNorm, so the
+    layers inside a block get exactly zero gradient on the first step.)"""
+    from modeling_refers import JoImTeRNetForPreTraining, RadTexForPreTraining
+
+    def idle(model, batch):
+        model(**batch).loss.backward()
+        return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+    torch.manual_seed(0)
+    assert idle(MRMForPreTraining(tiny_config()), studies) == {"text_encoder.pooler.dense.weight",
+                                                                "text_encoder.pooler.dense.bias"}
+    joim = JoImTeRNetForPreTraining(JoImTeRNetForPreTraining.default_config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        view_fusion_hidden_size=16, projection_dim=16, text_config=tiny_config().text_config.to_dict()))
+    batch = {k: v for k, v in studies.items() if k != "labels"}
+    batch["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"][:1]])[:2]
+    assert idle(joim, batch) == set()
+    radtex = RadTexForPreTraining(RadTexForPreTraining.default_config(
+        backbone="resnet18", hidden_size=512, image_size=64, decoder_hidden_size=32, decoder_num_attention_heads=4,
+        decoder_intermediate_size=64, max_report_length=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        text_config=tiny_config().text_config.to_dict()))
+    images = radiographs(6, size=64).reshape(2, 3, 3, 64, 64)
+    ids = studies["input_ids"]
+    assert idle(radtex, dict(pixel_values=images, view_mask=studies["view_mask"], labels=ids)) == set()
