@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,3 +43,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through `atomic_open`."""
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks): what identifies a checkpoint or weight file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

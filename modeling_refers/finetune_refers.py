@@ -55,7 +55,7 @@ from datasets_scripts import (
 )
 from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
 from .evaluation import multilabel_auc, roc_curve_png
-from .file_utils import atomic_open, atomic_write_text
+from .file_utils import atomic_open, atomic_write_text, file_sha256
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
@@ -213,14 +213,6 @@ def starting_point_name(model_args: ModelArguments) -> str | None:
     if os.path.exists(path):
         return os.path.basename(os.path.normpath(path))
     return path
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def starting_point_signature(model_args: ModelArguments) -> dict:

@@ -37,7 +37,7 @@ from . import (
     RefersProcessor,
     train_report_tokenizer,
 )
-from .file_utils import atomic_write_text
+from .file_utils import atomic_write_text, file_sha256
 from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
 from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
@@ -237,14 +237,6 @@ def check_inputs(model_args, data_args, training_args) -> None:
     if model_args.vision_weights and not os.path.isfile(model_args.vision_weights):
         raise FileNotFoundError(f"--vision_weights {model_args.vision_weights!r}: no such file (a local timm ViT "
                                 ".pth / .safetensors state dict)")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_sha256(path: str | None) -> dict | None:
