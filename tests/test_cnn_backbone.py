@@ -128,3 +128,21 @@ def test_cnn_keeps_timms_initialisation_and_takes_one_channel(radiographs):
     assert grey.get_input_embeddings().in_channels == 1
     out = grey(radiographs(2, size=64)[:, :1])
     assert out.last_hidden_state.shape == (2, 5, 512)
+
+
+def test_cnn_studies_export_and_compile_with_any_view_mask(studies):
+    """The CNN path keeps the transformers contracts of the ViT path at inference: torch.export with another
+    view_mask than traced, and torch.compile(fullgraph=True), give the eager outputs; masked views change nothing."""
+    torch.manual_seed(0)
+    model = RefersModel(cnn_config()).eval()
+    pixels = studies["pixel_values"]
+    program = torch.export.export(model, (pixels,), {"view_mask": torch.ones(2, 3, dtype=torch.long)})
+    mask = torch.tensor([[1, 0, 1], [1, 0, 0]])
+    exported = program.module()(pixels, view_mask=mask)
+    torch.testing.assert_close(exported.study_embeds, model(pixels, view_mask=mask).study_embeds)
+    changed = pixels.clone()
+    changed[:, 1] = 5.0
+    assert torch.equal(program.module()(changed, view_mask=mask).study_embeds, exported.study_embeds)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(pixels, view_mask=mask).study_embeds, exported.study_embeds)
