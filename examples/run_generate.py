@@ -17,8 +17,7 @@ import logging
 import os
 
 
-from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
-from modeling_refers.downstream_utils import load_pretraining_folder
+from modeling_refers.downstream_utils import add_source_split_arguments, load_pretraining_folder, load_source_split
 from modeling_refers.evaluation import report_generation_metrics
 from modeling_refers.file_utils import atomic_write_text
 from modeling_refers.generation_refers import generate_reports, metrics_bar_png, report_examples_png
@@ -30,11 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="A run_pretrain.py output folder.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dataset_name", default="covid19_studies", choices=sorted(SOURCE_DATASETS))
-    parser.add_argument("--data_dir", default=str(SAMPLE_DATA_DIR / "covid19_collection"))
-    parser.add_argument("--image_dir", default=None, help="iu_xray only: the PNG image folder.")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--max_samples", type=int, default=None)
+    add_source_split_arguments(parser)
     parser.add_argument("--num_beams", type=int, nargs="+", default=[1, 3], help="1 = greedy.")
     parser.add_argument("--max_new_tokens", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -52,12 +47,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model, processor, tokenizer = load_pretraining_folder(args.model_name_or_path, need_decoder=True)
-    extra = {"image_dir": args.image_dir} if args.dataset_name == "iu_xray" else {}
-    rows = load_source_dataset(args.dataset_name, args.data_dir, **extra)[args.split]
-    if args.max_samples:
-        rows = rows.select(range(min(args.max_samples, len(rows))))
-    if len(rows) == 0:
-        raise ValueError(f"--split {args.split} of {args.dataset_name} at {args.data_dir} has no studies")
+    rows = load_source_split(args, min_studies=1, purpose="report generation")
     studies, references, ids = rows["images"], rows["report"], rows["study_id"]
 
     generated, scores = {}, {}

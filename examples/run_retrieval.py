@@ -18,8 +18,7 @@ import logging
 import os
 
 
-from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
-from modeling_refers.downstream_utils import load_pretraining_folder
+from modeling_refers.downstream_utils import add_source_split_arguments, load_pretraining_folder, load_source_split
 from modeling_refers.file_utils import atomic_write_text
 from modeling_refers.retrieval_refers import (
     retrieval_examples_png,
@@ -35,11 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="A run_pretrain.py output folder.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dataset_name", default="covid19_studies", choices=sorted(SOURCE_DATASETS))
-    parser.add_argument("--data_dir", default=str(SAMPLE_DATA_DIR / "covid19_collection"))
-    parser.add_argument("--image_dir", default=None, help="iu_xray only: the PNG image folder.")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--max_samples", type=int, default=None)
+    add_source_split_arguments(parser)
     parser.add_argument("--top_k", type=int, default=5, help="Reports listed per study in top_reports.jsonl.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_examples", type=int, default=6, help="Query studies drawn in retrieval_examples.png.")
@@ -66,13 +61,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model, processor, _ = load_pretraining_folder(args.model_name_or_path, need_text_encoder=True)
-    extra = {"image_dir": args.image_dir} if args.dataset_name == "iu_xray" else {}
-    rows = load_source_dataset(args.dataset_name, args.data_dir, **extra)[args.split]
-    if args.max_samples:
-        rows = rows.select(range(min(args.max_samples, len(rows))))
-    if len(rows) < 2:
-        raise ValueError(f"--split {args.split} of {args.dataset_name} at {args.data_dir} has {len(rows)} studies; "
-                         "retrieval needs at least 2")
+    rows = load_source_split(args, min_studies=2, purpose="retrieval")
     studies, reports, ids = rows["images"], rows["report"], rows["study_id"]
     out = retrieve(model, processor, studies, reports, batch_size=args.batch_size)
     similarity, relevance = out.similarity.numpy(), out.relevance.numpy()

@@ -59,6 +59,33 @@ def load_pretraining_folder(
     return model, processor, tokenizer
 
 
+def add_source_split_arguments(parser) -> None:
+    """The arguments that pick held-out studies with reports (run_generate.py, run_retrieval.py): --dataset_name,
+    --data_dir (default: the sample's COVID-19 studies), --image_dir (iu_xray), --split, --max_samples."""
+    from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS
+
+    parser.add_argument("--dataset_name", default="covid19_studies", choices=sorted(SOURCE_DATASETS))
+    parser.add_argument("--data_dir", default=str(SAMPLE_DATA_DIR / "covid19_collection"))
+    parser.add_argument("--image_dir", default=None, help="iu_xray only: the PNG image folder.")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--max_samples", type=int, default=None)
+
+
+def load_source_split(args, min_studies: int, purpose: str):
+    """The `datasets.Dataset` of studies that `add_source_split_arguments` picked (the first `--max_samples`); a
+    ValueError naming the split when it has fewer than `min_studies` (what `purpose` needs)."""
+    from datasets_scripts import load_source_dataset
+
+    extra = {"image_dir": args.image_dir} if args.dataset_name == "iu_xray" else {}
+    rows = load_source_dataset(args.dataset_name, args.data_dir, **extra)[args.split]
+    if args.max_samples:
+        rows = rows.select(range(min(args.max_samples, len(rows))))
+    if len(rows) < min_studies:
+        raise ValueError(f"--split {args.split} of {args.dataset_name} at {args.data_dir} has {len(rows)} studies; "
+                         f"{purpose} needs at least {min_studies}")
+    return rows
+
+
 def batches(items: Sequence[Any], batch_size: int, desc: str) -> Iterator[list[Any]]:
     """Consecutive slices of `items` of at most `batch_size`, with a tqdm progress bar named `desc`."""
     from tqdm.auto import tqdm

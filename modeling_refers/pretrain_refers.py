@@ -5,7 +5,7 @@ One CPU or GPU:
     python examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval
 
 Several GPUs / nodes (the Trainer runs under accelerate / torchrun as is):
-    accelerate launch --num_processes 8 examples/run_pretrain.py --output_dir runs/pretrain --do_train --do_eval --bf16
+    accelerate launch --multi_gpu --num_processes 8 examples/run_pretrain.py --output_dir runs/pretrain --do_train --bf16
     torchrun --nproc_per_node 8 examples/run_pretrain.py ...
 
 Data: any source-domain builder of `datasets_scripts` (`--dataset_name mimic_cxr|iu_xray|covid19_studies|
@@ -360,10 +360,10 @@ def main(argv=None):
     config = model.config
     # MRM's super-resolution target: the processor delivers the larger image, the model resizes it for the encoder
     image_size = getattr(config, "mrm_reconstruction_size", None) if model_args.method == "mrm" else None
-    processor = RefersProcessor(
-        RefersImageProcessor(**processor_sizes(image_size or config.image_size, data_args.resize)), tokenizer,
-        num_views=config.num_views, max_length=config.max_report_length)
-    warn_if_upscaled(data_args.prepared_data_dir, processor_sizes(config.image_size, data_args.resize)["size"])
+    sizes = processor_sizes(image_size or config.image_size, data_args.resize)
+    processor = RefersProcessor(RefersImageProcessor(**sizes), tokenizer, num_views=config.num_views,
+                                max_length=config.max_report_length)
+    warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
     if not config.use_view_fusion or model_args.method == "mrm":
         # idle parameters: the fusion in this ablation; in MRM the report encoder's pooler (and an idle fusion)
         training_args.ddp_find_unused_parameters = True

@@ -53,6 +53,27 @@ def worker_generator(cache: dict) -> np.random.Generator:
     return cache[key]
 
 
+def process_studies(processor, examples: list[dict], train: bool, generators: dict,
+                    return_flipped: bool) -> tuple[dict, list[str] | None]:
+    """Source-domain rows through a `RefersProcessor` (views picked and augmented at train time, reports tokenized,
+    left/right swapped on flips). Returns the batch and, with `return_flipped`, each report as the model must see it
+    (swapped where its study was mirrored), for a second tokenization; the `flipped` flags are removed."""
+    reports = [example["report"] for example in examples]
+    batch = processor(
+        images=[example["images"] for example in examples],
+        text=reports,
+        study_ids=[example.get("study_id") for example in examples],
+        do_train_augment=train,
+        generator=worker_generator(generators) if train else None,
+        return_flipped=return_flipped,
+        return_tensors="pt",
+    )
+    if not return_flipped:
+        return batch, None
+    flipped = batch.pop("flipped").tolist()
+    return batch, [swap_left_right(r) if f else r for r, f in zip(reports, flipped)]
+
+
 @dataclass
 class StudyReportCollator:
     """Source-domain rows (`images`, `report`, `study_id`) -> `RefersForPreTraining` inputs through a
@@ -68,19 +89,9 @@ class StudyReportCollator:
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, examples: list[dict]) -> dict:
-        reports = [example["report"] for example in examples]
-        batch = self.processor(
-            images=[example["images"] for example in examples],
-            text=reports,
-            study_ids=[example.get("study_id") for example in examples],
-            do_train_augment=self.train,
-            generator=worker_generator(self._generators) if self.train else None,
-            return_flipped=self.decoder_tokenizer is not None,
-            return_tensors="pt",
-        )
+        batch, texts = process_studies(self.processor, examples, self.train, self._generators,
+                                       return_flipped=self.decoder_tokenizer is not None)
         if self.decoder_tokenizer is not None:
-            flipped = batch.pop("flipped").tolist()
-            texts = [swap_left_right(r) if f else r for r, f in zip(reports, flipped)]
             decoded = self.decoder_tokenizer(texts, padding="longest", truncation=True,
                                              max_length=self.processor.max_length, return_tensors="pt")
             batch["decoder_input_ids"] = decoded["input_ids"]
@@ -104,15 +115,7 @@ class MaskedReportCollator:
     def __call__(self, examples: list[dict]) -> dict:
         from transformers import DataCollatorForLanguageModeling
 
-        reports = [example["report"] for example in examples]
-        batch = self.processor(
-            images=[example["images"] for example in examples], text=reports,
-            study_ids=[example.get("study_id") for example in examples], do_train_augment=self.train,
-            generator=worker_generator(self._generators) if self.train else None, return_flipped=True,
-            return_tensors="pt",
-        )
-        flipped = batch.pop("flipped").tolist()
-        texts = [swap_left_right(r) if f else r for r, f in zip(reports, flipped)]
+        batch, texts = process_studies(self.processor, examples, self.train, self._generators, return_flipped=True)
         tokenizer = self.processor.tokenizer
         encoded = tokenizer(texts, padding="longest", truncation=True, max_length=self.processor.max_length,
                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
