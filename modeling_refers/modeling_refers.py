@@ -506,13 +506,7 @@ class RefersModel(RefersPreTrainedModel):
                 f"`view_mask` must have shape (batch, V) = {(batch_size, num_views)}, got {tuple(view_mask.shape)}."
             )
         view_mask = view_mask.bool()
-        if not _is_traced():
-            empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(
-                    f"Study {empty[0]} of the batch (batch indices {empty}) has every view masked in `view_mask`; "
-                    "each study needs at least one real view."
-                )
+        _refuse_empty_studies(view_mask)
 
         # Every view goes through the transformer (no data-dependent gather, so torch.export / torch.compile trace
         # it); a masked view's pixels are zeroed before and its outputs after, so it changes nothing.
@@ -544,6 +538,19 @@ def _is_traced() -> bool:
     """True under torch.compile / torch.export tracing, where data-dependent Python checks cannot run."""
     compiler = torch.compiler
     return compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
+
+
+def _refuse_empty_studies(view_mask: torch.Tensor) -> None:
+    """Raise a `ValueError` naming the first study of the batch whose views are all masked in `view_mask` (skipped
+    under tracing). With and without view fusion: such a study has no feature, and InfoNCE no positive for its report."""
+    if _is_traced():
+        return
+    empty = (~view_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"Study {empty[0]} of the batch (batch indices {empty}) has every view masked in `view_mask`; "
+            "each study needs at least one real view."
+        )
 
 
 class RefersForImageClassification(RefersPreTrainedModel):
@@ -831,7 +838,9 @@ class RefersForPreTraining(RefersPreTrainedModel):
             pixel_values = pixel_values[:, None]
         if not self.config.use_view_fusion:
             real = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
-            real = real if view_mask is None else view_mask.bool()
+            if view_mask is not None:
+                real = view_mask.bool()
+                _refuse_empty_studies(real)  # as the fusion path does: a study without views has no positive
             views = self.refers(pixel_values[real], **kwargs)
             report_index = real.nonzero()[:, 0]
             memory = views.last_hidden_state[:, 1:]

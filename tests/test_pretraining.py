@@ -190,6 +190,22 @@ def test_without_view_fusion_every_view_is_paired_with_the_report(batch):
     assert got == {name for name, _ in model.named_parameters()}
 
 
+@pytest.mark.parametrize("use_view_fusion", [True, False])
+def test_a_study_with_every_view_masked_is_refused_alike_with_and_without_fusion(batch, use_view_fusion):
+    """Without fusion such a study used to vanish silently: its report had no positive, InfoNCE divided 0 by 0 (NaN)
+    and the NaN reached the gradients. Both paths now give the fusion path's error, naming the study and view_mask."""
+    model = RefersForPreTraining(tiny_pretraining_config(use_view_fusion=use_view_fusion))
+    empty = dict(batch, view_mask=torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    message = ("Study 1 of the batch (batch indices [1]) has every view masked in `view_mask`; each study needs at "
+               "least one real view.")
+    with pytest.raises(ValueError) as raised:
+        model(**empty)
+    assert str(raised.value) == message
+    with pytest.raises(ValueError, match=r"Study 1 of the batch \(batch indices \[1\]\)"):
+        model.get_study_features(empty["pixel_values"], empty["view_mask"])
+    assert torch.isfinite(model(**batch).loss)  # one real view per study is enough
+
+
 def test_frozen_text_encoder_gets_no_gradient(batch):
     model = RefersForPreTraining(tiny_pretraining_config(freeze_text_encoder=True))
     model(**batch).loss.backward()
