@@ -3,7 +3,8 @@
 Source domain (image + report studies): rows `study_id`, `patient_id`, `images` (List(Image())),
 `view_positions` (List(string), same length), `report` (findings + impression).
 Target domain (labels): rows `image_id`, `patient_id`, `image` (Image()), `labels`: a float32 multi-hot
-list of length C (NIH ChestX-ray14, VinBigData) or a ClassLabel (Shenzhen TB, the COVID-19 tasks).
+list of length C (NIH ChestX-ray14, VinBigData) or a ClassLabel (Shenzhen TB, the COVID-19 tasks, the Kermany
+pneumonia tasks).
 
 All builders read the files as distributed, validate them, and return in-memory datasets (nothing is
 written to the `datasets` cache). `SAMPLE_DATA_DIR` is the small real sample shipped with the repository
@@ -27,6 +28,14 @@ from .covid19_collection import (
     load_covid19_studies,
 )
 from .iu_xray import load_iu_xray
+from .kermany_pneumonia import (
+    KERMANY_BACTERIAL_VIRAL_LABEL_NAMES,
+    KERMANY_CITATION,
+    KERMANY_LICENSE,
+    KERMANY_PNEUMONIA_LABEL_NAMES,
+    kermany_records,
+    load_kermany_pneumonia,
+)
 from .label_ratio import sample_label_ratio, select_by_ids
 from .mimic_cxr import load_mimic_cxr
 from .nih_chestxray14 import NIH_LABEL_NAMES, NIH_SPLIT_FILE_LABEL_ORDER, load_nih_chestxray14
@@ -41,13 +50,16 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 @dataclass(frozen=True)
 class TargetDatasetSpec:
     """A fine-tuning data set: its loader `loader(data_dir, **kw) -> DatasetDict`, class names in label
-    order, the `problem_type` for `PretrainedConfig`, and the folder name of its split lists under `splits/`."""
+    order, the `problem_type` for `PretrainedConfig`, and the folder name of its split lists under `splits/`.
+    `license` (a Hub licence id) and `citation` (whom to attribute) where the registry records them."""
 
     name: str
     loader: Callable[..., DatasetDict]
     label_names: tuple[str, ...]
     problem_type: str
     default_split_dir: str
+    license: str | None = None
+    citation: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -67,6 +79,13 @@ TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
                           "single_label_classification", "covid19_collection"),
         TargetDatasetSpec("covid19_viral_bacterial", functools.partial(load_covid19_collection, task="viral_bacterial"),
                           VIRAL_BACTERIAL_LABEL_NAMES, "single_label_classification", "covid19_collection"),
+        # No split lists (`default_split_dir` is not a folder): official test/ as test, seeded patient-level validation.
+        TargetDatasetSpec("kermany_pneumonia", functools.partial(load_kermany_pneumonia, task="pneumonia"),
+                          KERMANY_PNEUMONIA_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
+                          KERMANY_LICENSE, KERMANY_CITATION),
+        TargetDatasetSpec("kermany_bacterial_viral", functools.partial(load_kermany_pneumonia, task="bacterial_viral"),
+                          KERMANY_BACTERIAL_VIRAL_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
+                          KERMANY_LICENSE, KERMANY_CITATION),
     )
 }
 
@@ -103,4 +122,5 @@ __all__ = [
     "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",
     "NIH_SPLIT_FILE_LABEL_ORDER", "VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "SHENZHEN_LABEL_NAMES",
     "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES",
+    "load_kermany_pneumonia", "kermany_records", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
 ]

@@ -23,12 +23,15 @@ from datasets_scripts import (
 
 
 def test_target_specs():
-    assert sorted(TARGET_DATASETS) == ["covid19", "covid19_viral_bacterial", "nih_chestxray14", "shenzhen_tb", "vinbigdata"]
+    assert sorted(TARGET_DATASETS) == ["covid19", "covid19_viral_bacterial", "kermany_bacterial_viral", "kermany_pneumonia",
+                                       "nih_chestxray14", "shenzhen_tb", "vinbigdata"]
     expected = {"nih_chestxray14": (14, "multi_label_classification", "nih_chestxray14"),
                 "vinbigdata": (14, "multi_label_classification", "vinbigdata"),
                 "shenzhen_tb": (2, "single_label_classification", "shenzhen_tb"),
                 "covid19": (2, "single_label_classification", "covid19_collection"),
-                "covid19_viral_bacterial": (2, "single_label_classification", "covid19_collection")}
+                "covid19_viral_bacterial": (2, "single_label_classification", "covid19_collection"),
+                "kermany_pneumonia": (2, "single_label_classification", "kermany_pneumonia"),
+                "kermany_bacterial_viral": (3, "single_label_classification", "kermany_pneumonia")}
     for name, spec in TARGET_DATASETS.items():
         assert spec.name == name
         assert (len(spec.label_names), spec.problem_type, spec.default_split_dir) == expected[name]
@@ -40,14 +43,20 @@ def test_target_specs():
     assert sorted(SOURCE_DATASETS) == ["covid19_studies", "iu_xray", "mimic_cxr", "study_folder"]
 
 
+WITHOUT_SPLIT_LISTS = {"kermany_pneumonia", "kermany_bacterial_viral"}  # official test folder + seeded validation
+
+
 def test_default_split_dirs_exist_in_shared_data(shared_data_dir):  # ../shared/data, else sample_data/
     for spec in TARGET_DATASETS.values():
+        if spec.name in WITHOUT_SPLIT_LISTS:
+            assert not (shared_data_dir / "splits" / spec.default_split_dir).exists(), spec.name
+            continue
         assert (shared_data_dir / "splits" / spec.default_split_dir).is_dir(), spec.name
 
 
 def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown target data set 'chexpert'; valid names: covid19, covid19_viral_bacterial, "
-                                         r"nih_chestxray14, shenzhen_tb, vinbigdata"):
+                                         r"kermany_bacterial_viral, kermany_pneumonia, nih_chestxray14, shenzhen_tb, vinbigdata"):
         load_target_dataset("chexpert", ".")
     with pytest.raises(ValueError, match=r"task is fixed by the data set name 'covid19'"):
         load_target_dataset("covid19", ".", task="viral_bacterial")
