@@ -5,6 +5,7 @@ Read top to bottom: embeddings -> transformer block -> recurrent concatenation -
 block REFERS uses), so ViT/timm weights map one to one.
 """
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -325,8 +326,15 @@ class RefersPreTrainedModel(PreTrainedModel):
 
         Only this class's head (e.g. `classifier.`) may be missing from the checkpoint; anything else missing or of
         the wrong shape raises a `ValueError` naming the keys. Weights the checkpoint has and this class does not
-        (the text encoder and report decoder of a pretraining checkpoint) are listed as dropped in the report.
+        (the text encoder and report decoder of a pretraining checkpoint) are listed as dropped in the report. A local
+        folder whose weights are cut short (a crash while saving) raises an `OSError` naming the truncated file.
         """
+        folder = os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(folder, kwargs["subfolder"]) if kwargs.get("subfolder") else folder
+        if os.path.isdir(folder):
+            problem = incomplete_weights(folder)
+            if problem is not None:
+                raise OSError(f"Cannot load {cls.__name__} from {folder!r}: {problem}")
         kwargs.setdefault("ignore_mismatched_sizes", True)  # collect shape mismatches; refused below unless a head's
         # transformers' own per-key loading table (dozens of UNEXPECTED lines for a pretraining checkpoint) is replaced
         # by the one-line report below.
@@ -542,7 +550,8 @@ def _is_traced() -> bool:
 
 def _refuse_empty_studies(view_mask: torch.Tensor) -> None:
     """Raise a `ValueError` naming the first study of the batch whose views are all masked in `view_mask` (skipped
-    under tracing). With and without view fusion: such a study has no feature, and InfoNCE no positive for its report."""
+    under tracing). With and without view fusion: such a study has no feature, and InfoNCE no positive for its
+    report."""
     if _is_traced():
         return
     empty = (~view_mask.bool().any(dim=1)).nonzero().flatten().tolist()
@@ -978,6 +987,59 @@ class RefersForPreTraining(RefersPreTrainedModel):
 
 REFERS_ONLY_PREFIXES = ("view_fusion.", "recurrent_concat.")
 TIMM_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why the `.safetensors` file at `path` is not whole (cut short, e.g. by a crash while saving), or None.
+
+    Reads only the header: an 8-byte little-endian length, that many bytes of JSON, then the tensor data, which must
+    end exactly where the file ends (the largest `data_offsets` end equals file size - 8 - header length)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{path} is truncated: {size} bytes, fewer than the 8-byte safetensors header length"
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if 8 + header_length > size:
+            return (f"{path} is truncated: its header length says {header_length} bytes of header, but only "
+                    f"{size - 8} bytes follow")
+        try:
+            header = json.loads(handle.read(header_length))
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{path} has an unreadable safetensors header (not the JSON of a safetensors file)"
+    data = size - 8 - header_length
+    if end != data:
+        return (f"{path} is truncated: its header says the tensor data is {end} bytes, but the file holds {data} "
+                "bytes of data" if end > data else
+                f"{path} is not a whole safetensors file: {data - end} bytes follow the last tensor")
+    return None
+
+
+def incomplete_weights(folder: str | os.PathLike) -> str | None:
+    """Why the weights saved in `folder` are not whole, naming the file, or None when they are: every `*.safetensors`
+    file passes [`safetensors_problem`], and every shard a `*.safetensors.index.json` names is there."""
+    folder = os.fspath(folder)
+    names = sorted(os.listdir(folder))
+    for name in names:
+        if not name.endswith(".safetensors.index.json"):
+            continue
+        index = os.path.join(folder, name)
+        try:
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return f"{index} is not a readable shard index (JSON with a `weight_map`); it may be cut short"
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
+        if missing:
+            return f"{index} names shards that are not in the folder: {', '.join(missing)}"
+    for name in names:
+        if name.endswith(".safetensors") and os.path.isfile(os.path.join(folder, name)):
+            problem = safetensors_problem(os.path.join(folder, name))
+            if problem is not None:
+                return problem
+    return None
 
 
 @dataclass

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .processing_refers import swap_left_right
-from .file_utils import atomic_write_text
+from .file_utils import atomic_open, atomic_write_text, give_default_modes
+from .hub_upload import check_hub_arguments, hub_files, upload_model_folder
+from .modeling_refers import incomplete_weights
 from .model_card import save_model_card
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,9 @@ class RefersTrainer(Trainer):
                  decoder_learning_rate: float | None = None, lookahead_steps: int = 0, lookahead_alpha: float = 0.5,
                  optimizer_name: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.95), eval_data_collator=None,
                  **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:  # before the Trainer creates the Hub repo
+            check_hub_arguments(training_args)
         super().__init__(*args, **kwargs)
         if lookahead_steps < 0 or not 0.0 <= lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_steps must be >= 0 and lookahead_alpha in [0, 1], got {lookahead_steps}, "
@@ -210,6 +215,67 @@ class RefersTrainer(Trainer):
             return super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             save_model_card(self.model_card, os.path.join(self.args.output_dir, "README.md"))
+
+    # Every save (checkpoints and the final model) leaves the weights readable as the umask says (safetensors 0.8
+    # writes them 0600: see file_utils.give_default_modes).
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        give_default_modes(output_dir if output_dir is not None else self.args.output_dir)
+
+    # Pushes upload the allow-list of `hub_upload.hub_files` only: no training_args.bin (the token), results or
+    # run files (local paths), per-image files unless `--hub_include_predictions` / `--hub_include_label_ids`.
+    def _upload(self, commit_message: str, token: str | None, run_as_future: bool, revision: str | None):
+        return upload_model_folder(
+            self.args.output_dir, self.hub_model_id, commit_message=commit_message, token=token,
+            run_as_future=run_as_future, revision=revision,
+            include_predictions=bool(getattr(self.args, "hub_include_predictions", False)),
+            include_label_ids=bool(getattr(self.args, "hub_include_label_ids", False)))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """`Trainer.push_to_hub` (save the model, write the card, upload `--output_dir`), uploading only the files
+        `hub_upload.hub_files` names."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None and self.args.should_save:
+            model_name = (os.path.basename(os.path.normpath(self.args.output_dir)) if self.args.hub_model_id is None
+                          else self.args.hub_model_id.split("/")[-1])
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        return self._upload(commit_message, token, run_as_future=not blocking,
+                            revision=revision if revision is not None else self.args.hub_revision)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The push at each save (`--hub_strategy every_save`): the checkpoint's model and processor files are copied
+        into `--output_dir` as the Trainer does, then the allow-list of `--output_dir` is uploaded in the background.
+        `checkpoint` / `all_checkpoints` strategies are refused by `check_hub_arguments`."""
+        from transformers.utils.hub import PushInProgress
+
+        if not self.is_world_process_zero() or str(getattr(self.args.hub_strategy, "value",
+                                                           self.args.hub_strategy)) == "end":
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        for name in hub_files(checkpoint_folder):
+            destination = os.path.join(self.args.output_dir, name)
+            with open(os.path.join(checkpoint_folder, name), "rb") as source, atomic_open(destination, "wb") as target:
+                shutil.copyfileobj(source, target)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(self.args.output_dir)
+        commit_message = (f"Training in progress, step {self.state.global_step}" if self.args.save_strategy == "steps"
+                          else f"Training in progress, epoch {int(self.state.epoch or 0)}")
+        job = self._upload(commit_message, self.args.hub_token, run_as_future=True, revision=self.args.hub_revision)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -271,25 +337,39 @@ def resume_checkpoint(training_args: TrainingArguments, signature: dict | None =
     """The checkpoint to resume from, or None to start fresh; raises before anything is written when the
     `--output_dir` holds another run.
 
-    `--resume_from_checkpoint` wins. Otherwise the last `checkpoint-*` in `--output_dir` is resumed only when the
-    run that wrote it had the same `signature` (data, label ratio, seed, starting point, ...: whatever decides what
-    the run computes), read from `run_signature.json`; a different signature raises a `ValueError` naming the fields
-    that differ. `start_fresh=True` (the scripts' `--start_fresh`) deletes the old `checkpoint-*` folders and starts
-    again. Call [`write_run_signature`] once the inputs are known good.
+    `--resume_from_checkpoint` wins (refused when it is incomplete). Otherwise the last complete `checkpoint-*` in
+    `--output_dir` (see [`incomplete_checkpoint`]; newer incomplete ones, e.g. cut short by a crash while saving, are
+    skipped with a warning naming them) is resumed only when the run that wrote it had the same `signature` (data,
+    label ratio, seed, starting point, ...: whatever decides what the run computes), read from `run_signature.json`;
+    a different signature raises a `ValueError` naming the fields that differ. `start_fresh=True` (the scripts'
+    `--start_fresh`) deletes the old `checkpoint-*` folders and starts again. Call [`write_run_signature`] once the
+    inputs are known good.
     """
     if training_args.resume_from_checkpoint:
         if not os.path.isdir(training_args.resume_from_checkpoint):
             raise FileNotFoundError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r} is not a folder")
+        problem = incomplete_checkpoint(training_args.resume_from_checkpoint)
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r} is incomplete: "
+                             f"{problem}. Resume from an earlier checkpoint.")
         return training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    checkpoints = checkpoint_folders(output_dir)
     if start_fresh:
-        if last is not None and training_args.should_save:
+        if checkpoints and training_args.should_save:
             for name in os.listdir(output_dir):
                 if name.startswith("checkpoint-") and os.path.isdir(os.path.join(output_dir, name)):
                     shutil.rmtree(os.path.join(output_dir, name))
             logger.warning(f"--start_fresh: removed the checkpoints of the earlier run in {output_dir}.")
         return None
+    last = None
+    for folder in reversed(checkpoints):
+        problem = incomplete_checkpoint(folder)
+        if problem is None:
+            last = folder
+            break
+        logger.warning(f"Skipping the incomplete checkpoint {folder} ({problem}); resuming from the one before it, "
+                       "if any. It is overwritten when training reaches its step again.")
     if last is None:
         return None
     if signature is not None:
@@ -312,6 +392,34 @@ def resume_checkpoint(training_args: TrainingArguments, signature: dict | None =
             )
     logger.info(f"Resuming from {last} (the last checkpoint of the same run in --output_dir).")
     return last
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """The Trainer's `checkpoint-<step>` folders in `output_dir`, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        path = os.path.join(output_dir, name)
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and step.isdigit() and os.path.isdir(path):
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def incomplete_checkpoint(folder: str) -> str | None:
+    """Why the Trainer checkpoint `folder` cannot be resumed, naming the file, or None when it is complete: its
+    `trainer_state.json` is there and readable, and every weights file is whole ([`incomplete_weights`]: each
+    safetensors header readable and covering its file, each shard of an index present)."""
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state):
+        return f"{state} is missing (the Trainer writes it last, so saving did not finish)"
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except ValueError:
+        return f"{state} is not valid JSON (cut short?)"
+    return incomplete_weights(folder)
 
 
 def write_run_signature(training_args: TrainingArguments, signature: dict) -> None:

@@ -224,3 +224,94 @@ def test_study_collator_is_reproducible_per_seed_and_names_a_bad_study(studies_w
     broken = [dict(rows[0]), dict(rows[1], images=[str(tmp_path / "missing.png")])]
     with pytest.raises(FileNotFoundError, match=f"id {rows[1]['study_id']!r}"):
         StudyReportCollator(processor, train=False)(broken)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resuming only from complete checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(folder, step: int, **save_kwargs):
+    """A Trainer-like `checkpoint-<step>`: the tiny model's weights and a trainer_state.json."""
+    from transformers import TrainerState
+
+    tiny_model().save_pretrained(folder, **save_kwargs)
+    TrainerState(global_step=step).save_to_json(str(folder / "trainer_state.json"))
+    return folder
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_skips_an_incomplete_newest_checkpoint_and_names_it(tmp_path, caplog):
+    from modeling_refers.training_refers import incomplete_checkpoint, resume_checkpoint
+
+    out = tmp_path / "run"
+    for step in (1, 2, 10):
+        write_checkpoint(out / f"checkpoint-{step}", step)
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none")
+    assert resume_checkpoint(args) == str(out / "checkpoint-10")  # complete: the newest (by step, not by name)
+
+    cut_in_half(out / "checkpoint-10" / "model.safetensors")
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING", logger="modeling_refers.training_refers"):
+        assert resume_checkpoint(args) == str(out / "checkpoint-1")
+    warned = caplog.text
+    assert f"Skipping the incomplete checkpoint {out / 'checkpoint-10'}" in warned
+    assert f"{out / 'checkpoint-10' / 'model.safetensors'} is truncated" in warned
+    assert f"{out / 'checkpoint-2' / 'trainer_state.json'} is missing" in warned
+
+    # an explicit --resume_from_checkpoint that is incomplete is refused, naming the file
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none",
+                             resume_from_checkpoint=str(out / "checkpoint-10"))
+    with pytest.raises(ValueError, match=r"checkpoint-10/model.safetensors is truncated"):
+        resume_checkpoint(args)
+    (out / "checkpoint-1" / "trainer_state.json").write_text('{"global_st')
+    assert "trainer_state.json is not valid JSON" in incomplete_checkpoint(str(out / "checkpoint-1"))
+
+
+def test_sharded_checkpoints_count_only_with_every_shard_whole(tmp_path):
+    from modeling_refers.training_refers import incomplete_checkpoint
+
+    folder = write_checkpoint(tmp_path / "checkpoint-3", 3, max_shard_size="100KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    assert incomplete_checkpoint(str(folder)) is None
+    cut_in_half(shards[-1])
+    assert f"{shards[-1]} is truncated" in incomplete_checkpoint(str(folder))
+    shards[-1].unlink()
+    assert f"names shards that are not in the folder: {shards[-1].name}" in incomplete_checkpoint(str(folder))
+    cut_in_half(folder / "model.safetensors.index.json")
+    assert "is not a readable shard index" in incomplete_checkpoint(str(folder))
+
+
+def test_safetensors_check_reads_the_header_against_the_file_size(tmp_path):
+    from modeling_refers.modeling_refers import safetensors_problem
+
+    folder = write_checkpoint(tmp_path / "checkpoint-1", 1)
+    path = folder / "model.safetensors"
+    whole = path.read_bytes()
+    assert safetensors_problem(path) is None
+    header_length = int.from_bytes(whole[:8], "little")
+    path.write_bytes(whole[:-1])  # one byte short: the header is readable, the data is not all there
+    assert "is truncated: its header says the tensor data is" in safetensors_problem(path)
+    path.write_bytes(whole[: 8 + header_length // 2])  # cut inside the header
+    assert f"its header length says {header_length} bytes of header" in safetensors_problem(path)
+    path.write_bytes(whole[:5])
+    assert "fewer than the 8-byte safetensors header length" in safetensors_problem(path)
+    path.write_bytes(whole + b"\0" * 4)
+    assert "4 bytes follow the last tensor" in safetensors_problem(path)
+
+
+def test_loading_a_half_written_folder_names_the_truncated_file(tmp_path):
+    from modeling_refers import RefersForImageClassification
+
+    folder = tmp_path / "pretrained"
+    tiny_model().save_pretrained(folder)
+    RefersForImageClassification.from_pretrained_checked(folder, num_labels=2)  # whole: loads
+    cut_in_half(folder / "model.safetensors")
+    with pytest.raises(OSError, match=rf"Cannot load RefersForImageClassification from '{folder}': "
+                                      rf"{folder / 'model.safetensors'} is truncated"):
+        RefersForImageClassification.from_pretrained_checked(folder, num_labels=2)
