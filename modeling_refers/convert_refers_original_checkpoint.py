@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from .configuration_refers import AGGREGATION_MODES, RefersConfig
+from .file_utils import give_default_modes
 from .modeling_refers import REFERS_ONLY_PREFIXES, RefersForImageClassification, RefersModel
 from transformers.utils import logging
 
@@ -467,6 +468,9 @@ def _write_folder_atomically(save, output_dir: Path, overwrite: bool) -> None:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         save(tmp_dir)
+        # mkdtemp makes the folder 0700 and safetensors writes the weights 0600: give both the modes mkdir() / open()
+        # would, so the converted folder is as readable as any other the umask allows.
+        give_default_modes(tmp_dir, include_folder=True)
         if output_dir.is_dir() and any(output_dir.iterdir()):
             backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.replace(output_dir, backup)  # onto the empty folder mkdtemp made

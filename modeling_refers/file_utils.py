@@ -39,6 +39,23 @@ def _current_umask() -> int:
     return mask
 
 
+def give_default_modes(folder: str | os.PathLike, include_folder: bool = False) -> None:
+    """Give every weights file (`*.safetensors`) directly in `folder` the mode `open()` would (0666 less the umask)
+    and, with `include_folder`, the folder the mode `mkdir()` would (0777 less the umask).
+
+    safetensors 0.8 writes through a temporary file created 0600 and renames it, so `model.safetensors` is readable
+    by its owner only while every other file follows the umask (safetensors issue #782, fix pending in PR #789;
+    transformers' `save_pretrained` inherits it). Call this after anything that writes weights (the Trainer's saves,
+    `save_pretrained`) and on folders made with `mkdtemp` (0700)."""
+    folder = Path(folder)
+    umask = _current_umask()
+    for path in folder.glob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
+    if include_folder:
+        os.chmod(folder, 0o777 & ~umask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through `atomic_open`."""
     with atomic_open(path, "w") as handle:

@@ -394,6 +394,26 @@ def test_existing_output_dir_is_never_half_written(tmp_path, original, monkeypat
     assert sorted(path.name for path in output.parent.iterdir()) == ["refers"]
 
 
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_converted_folder_and_weights_follow_the_umask(tmp_path, original, umask):
+    """mkdtemp makes the folder 0700 and safetensors 0.8 writes the weights 0600 (safetensors issue #782): the
+    converted folder gets the modes mkdir() / open() give (0777 / 0666 less the umask), as every other file in it."""
+    import os
+    import stat
+
+    checkpoint = save_checkpoint(tmp_path, official_layouts(original)["finetune"])
+    previous = os.umask(umask)
+    try:
+        output = convert_refers_original_checkpoint(checkpoint, tmp_path / "converted", num_attention_heads=HEADS,
+                                                    save_image_processor=True)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o777 & ~umask
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in output.iterdir()}
+    assert "model.safetensors" in modes and "preprocessor_config.json" in modes
+    assert modes == {name: 0o666 & ~umask for name in modes}
+
+
 def test_safetensors_input_and_cli(tmp_path, original, capsys):
     official = official_layouts(original)["pretrain"]["model"]
     checkpoint = tmp_path / "refers.safetensors"
