@@ -13,6 +13,7 @@ written to the `datasets` cache). `SAMPLE_DATA_DIR` is the small real sample shi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .kermany_pneumonia import (
     load_kermany_pneumonia,
 )
 from .label_ratio import sample_label_ratio, select_by_ids
+from .labelled_images import label_info, load_labelled_images
 from .mimic_cxr import load_mimic_cxr
 from .nih_chestxray14 import NIH_LABEL_NAMES, NIH_SPLIT_FILE_LABEL_ORDER, load_nih_chestxray14
 from .reports import extract_findings_impression
@@ -65,6 +67,17 @@ class TargetDatasetSpec:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def with_labels_of(self, dataset) -> "TargetDatasetSpec":
+        """This spec; or, when its labels come from the data (empty `label_names`: `labelled_images`), a copy with
+        the label names and problem type of `dataset` (a split its loader built, see `labelled_images.label_info`)."""
+        if self.label_names:
+            return self
+        found = label_info(dataset)
+        if found is None:
+            raise ValueError(f"{self.name}: the data set does not record its label names and problem type (expected "
+                             "a split built by its loader, or a ClassLabel 'labels' column)")
+        return dataclasses.replace(self, label_names=found[0], problem_type=found[1])
+
 
 TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
     spec.name: spec
@@ -86,6 +99,8 @@ TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
         TargetDatasetSpec("kermany_bacterial_viral", functools.partial(load_kermany_pneumonia, task="bacterial_viral"),
                           KERMANY_BACTERIAL_VIRAL_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
                           KERMANY_LICENSE, KERMANY_CITATION),
+        # Your own data: label names and problem type come from the data (`TargetDatasetSpec.with_labels_of`).
+        TargetDatasetSpec("labelled_images", load_labelled_images, (), "", "labelled_images"),
     )
 }
 
@@ -121,6 +136,6 @@ __all__ = [
     "load_covid19_studies", "load_nih_chestxray14", "load_vinbigdata", "load_shenzhen_tb", "load_covid19_collection",
     "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",
     "NIH_SPLIT_FILE_LABEL_ORDER", "VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "SHENZHEN_LABEL_NAMES",
-    "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES",
+    "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES", "load_labelled_images", "label_info",
     "load_kermany_pneumonia", "kermany_records", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
 ]

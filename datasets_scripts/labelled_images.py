@@ -314,8 +314,8 @@ def _records_from_datasets(data_dir: Path, image_column, label_columns, patient_
         loaded, how = load_from_disk(str(data_dir)), "save_to_disk folder"
     else:
         if not any(p.is_file() for p in data_dir.rglob("*")):
-            raise FileNotFoundError(f"{data_dir}: holds no {DEFAULT_LABELS_CSV}, no save_to_disk data set and no images "
-                                    "(imagefolder layout); pass labels_csv")
+            raise FileNotFoundError(f"{data_dir}: holds no {DEFAULT_LABELS_CSV}, no save_to_disk data set and no "
+                                    "images (imagefolder layout); pass labels_csv")
         loaded, how = load_dataset("imagefolder", data_dir=str(data_dir)), "imagefolder"
     splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"": loaded})
     first = next(iter(splits.values()))

@@ -153,8 +153,9 @@ def test_problem_type_single_label_reads_one_hot_columns(tmp_path, nih_rows):
     rows = list(csv.reader(open(folder / "labels.csv")))
     rows[3][2] = rows[3][3] = "1"
     write_csv(folder / "labels.csv", rows[0], rows[1:])
-    with pytest.raises(InvalidDataError, match=r"labels\.csv, line 4: single_label_classification over the one-hot "
-                                               r"columns \['normal', 'abnormal'\] needs exactly one 1 per row, found 2"):
+    with pytest.raises(InvalidDataError, match=r"labels\.csv, line 4: single_label_classification over the "
+                                               r"one-hot columns \['normal', 'abnormal'\] needs exactly one 1 per "
+                                               r"row, found 2"):
         load_labelled_images(folder, problem_type="single_label_classification")
 
 
@@ -168,7 +169,8 @@ def test_dicom_images_go_through_the_vinbigdata_dicom_path(tmp_path, nih_rows):
         if i < 2:  # 16-bit MONOCHROME2, and MONOCHROME1 (stored values inverted)
             pixels[i] = np.asarray(PIL.Image.open(r["path"]).convert("L"))
             stored = pixels[i].astype(np.uint16) * 257
-            write_dicom(folder / f"{r['Image Index'][:-4]}.dcm", stored if i == 0 else (65535 - stored).astype(np.uint16),
+            write_dicom(folder / f"{r['Image Index'][:-4]}.dcm",
+                        stored if i == 0 else (65535 - stored).astype(np.uint16),
                         "MONOCHROME2" if i == 0 else "MONOCHROME1", 16)
             (folder / name).unlink()
             name = f"{r['Image Index'][:-4]}.dcm"

@@ -24,14 +24,16 @@ from datasets_scripts import (
 
 def test_target_specs():
     assert sorted(TARGET_DATASETS) == ["covid19", "covid19_viral_bacterial", "kermany_bacterial_viral", "kermany_pneumonia",
-                                       "nih_chestxray14", "shenzhen_tb", "vinbigdata"]
+                                       "labelled_images", "nih_chestxray14", "shenzhen_tb", "vinbigdata"]
     expected = {"nih_chestxray14": (14, "multi_label_classification", "nih_chestxray14"),
                 "vinbigdata": (14, "multi_label_classification", "vinbigdata"),
                 "shenzhen_tb": (2, "single_label_classification", "shenzhen_tb"),
                 "covid19": (2, "single_label_classification", "covid19_collection"),
                 "covid19_viral_bacterial": (2, "single_label_classification", "covid19_collection"),
                 "kermany_pneumonia": (2, "single_label_classification", "kermany_pneumonia"),
-                "kermany_bacterial_viral": (3, "single_label_classification", "kermany_pneumonia")}
+                "kermany_bacterial_viral": (3, "single_label_classification", "kermany_pneumonia"),
+                # labels from the data (TargetDatasetSpec.with_labels_of; tests/test_datasets_labelled_images.py)
+                "labelled_images": (0, "", "labelled_images")}
     for name, spec in TARGET_DATASETS.items():
         assert spec.name == name
         assert (len(spec.label_names), spec.problem_type, spec.default_split_dir) == expected[name]
@@ -43,7 +45,8 @@ def test_target_specs():
     assert sorted(SOURCE_DATASETS) == ["covid19_studies", "iu_xray", "mimic_cxr", "study_folder"]
 
 
-WITHOUT_SPLIT_LISTS = {"kermany_pneumonia", "kermany_bacterial_viral"}  # official test folder + seeded validation
+# official test folder + seeded validation; your own data: its split column or a seeded split
+WITHOUT_SPLIT_LISTS = {"kermany_pneumonia", "kermany_bacterial_viral", "labelled_images"}
 
 
 def test_default_split_dirs_exist_in_shared_data(shared_data_dir):  # ../shared/data, else sample_data/
@@ -56,7 +59,8 @@ def test_default_split_dirs_exist_in_shared_data(shared_data_dir):  # ../shared/
 
 def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown target data set 'chexpert'; valid names: covid19, covid19_viral_bacterial, "
-                                         r"kermany_bacterial_viral, kermany_pneumonia, nih_chestxray14, shenzhen_tb, vinbigdata"):
+                                         r"kermany_bacterial_viral, kermany_pneumonia, labelled_images, nih_chestxray14, "
+                                         r"shenzhen_tb, vinbigdata"):
         load_target_dataset("chexpert", ".")
     with pytest.raises(ValueError, match=r"task is fixed by the data set name 'covid19'"):
         load_target_dataset("covid19", ".", task="viral_bacterial")
