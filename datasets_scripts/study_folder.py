@@ -3,7 +3,7 @@
 One JSON object per line:
     {"file_names": ["s1/frontal.png", "s1/lateral.png"], "report": "...",
      "views": ["PA", "LATERAL"], "split": "train", "study_id": "s1", "patient_id": "p1"}
-`file_names` (paths relative to the folder, at least one) and `report` are required; `views` (same length
+`file_names` (paths relative to the folder, at least one; absolute paths and `..` are refused) and `report` are required; `views` (same length
 as `file_names`; default "UNKNOWN"), `split` (train / validation (or val, valid, validate) / test),
 `study_id` (default: "line<N>") and `patient_id` (default: the study id) are optional. Either every line
 has a `split` or none has; without splits a seeded 70/10/20 patient-level split is made. Studies with
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from datasets import DatasetDict
 
@@ -36,6 +36,13 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "metadata.jsonl"
 
 
+def _escapes_folder(name: str) -> bool:
+    """True for an absolute path (POSIX or Windows, incl. `C:x` and `\\\\server\\share`) or one with a `..` part."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return (posix.is_absolute() or bool(windows.drive) or windows.root != ""
+            or ".." in posix.parts or ".." in windows.parts)
+
+
 def _parse_line(line: str, where: str, line_no: int) -> dict:
     try:
         record = json.loads(line)
@@ -49,6 +56,12 @@ def _parse_line(line: str, where: str, line_no: int) -> dict:
     names = record["file_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise InvalidDataError(f"{where}: 'file_names' must be a non-empty list of relative paths")
+    for name in names:
+        if _escapes_folder(name):
+            raise InvalidDataError(
+                f"{where}: file name {name!r} is not a relative path inside the folder (absolute paths, drive "
+                "letters and '..' are refused); give it relative to the folder of metadata.jsonl"
+            )
     if not isinstance(record["report"], str):
         raise InvalidDataError(f"{where}: 'report' must be a string")
     views = record.get("views")

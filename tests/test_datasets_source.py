@@ -11,6 +11,7 @@ import shutil
 import tarfile
 import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -249,6 +250,11 @@ def folder(shared_data_dir, tmp_path):
     return root, lines
 
 
+# a real radiograph outside the study folder, by absolute path (exists: only the path form is wrong)
+_NIH_FRONTAL = (Path(__file__).resolve().parents[1] / "sample_data" / "nih_chestxray14_sample" / "images"
+                / "00000001_000.png")
+
+
 def _write_jsonl(root, lines):
     (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
@@ -278,6 +284,13 @@ def test_study_folder(folder, caplog):
         (lambda ls: ls[0].update(file_names=["a/pa.jpg", "a/missing.jpg"]), r"line 1 \(a/missing\.jpg\): image .* not found"),
         (lambda ls: ls[3].update(split="holdout"), r"line 4: unknown split 'holdout'"),
         (lambda ls: ls[3].update(study_id="A"), r"line 4: study_id 'A' already used on line 1"),
+        # file names must stay inside the folder: absolute (POSIX, Windows) and '..' are refused, naming the line
+        (lambda ls: ls[1].update(file_names=[str(_NIH_FRONTAL)]),
+         r"line 2: file name '/.*00000001_000\.png' is not a relative path inside the folder"),
+        (lambda ls: ls[2].update(file_names=["../b/frontal.png"]),
+         r"line 3: file name '\.\./b/frontal\.png' is not a relative path inside the folder"),
+        (lambda ls: ls[0].update(file_names=["a/pa.jpg", "a\\..\\..\\c.jpg"]), r"line 1: file name .* is not a relative path"),
+        (lambda ls: ls[0].update(file_names=["C:/data/a/pa.jpg"]), r"line 1: file name 'C:/data/a/pa\.jpg' is not a relative"),
     ],
 )
 def test_study_folder_bad_inputs(folder, edit, message):
