@@ -143,7 +143,8 @@ SIGNATURE_TRAINING_FIELDS = (
 _CHECKPOINT_FILES = re.compile(r"(config\.json|.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Images in the full public releases, to say when the data used is a subset.
-FULL_RELEASE_IMAGES = {"nih_chestxray14": 112_120}
+# Kermany: ChestXRay2017 has 5,856 images (5,232 train, 16 val, 624 test); copies without val/ hold 5,840.
+FULL_RELEASE_IMAGES = {"nih_chestxray14": 112_120, "kermany_pneumonia": 5_856, "kermany_bacterial_viral": 5_856}
 
 
 def initialisation(model_args: ModelArguments) -> str:
@@ -302,6 +303,19 @@ def describe_data(spec, data_dir, full, train_set, eval_set, test_set) -> dict:
         "test_image_size": test_size,
         "test_set": text,
     }
+
+
+def data_attribution(spec) -> str:
+    """The card's "Fine-tuning data licence" section from the registry entry's `license` and `citation` ("" when the
+    registry records neither)."""
+    if not (spec.license or spec.citation):
+        return ""
+    text = f"{dataset_display_name(spec.name)}"
+    if spec.license:
+        text += f", licence `{spec.license}`"
+    if spec.citation:
+        text += f". Attribution: {spec.citation}"
+    return f"## Fine-tuning data licence\n\n{text}\n"
 
 
 def scores_from_logits(logits: np.ndarray, problem_type: str) -> np.ndarray:
@@ -496,7 +510,7 @@ def main(argv=None) -> dict:
                 base_model=model_args.model_name_or_path if model_args.model_name_or_path and
                 is_hub_id(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path)
                 else None,
-                datasets=[spec.name], repo_id=training_args.hub_model_id)
+                datasets=[spec.name], repo_id=training_args.hub_model_id, extra_body=data_attribution(spec))
             save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
             trainer.model_card = card
     if training_args.push_to_hub and training_args.do_train:

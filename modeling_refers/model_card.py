@@ -36,6 +36,8 @@ DATASET_DISPLAY_NAMES = {
     "covid19_collection": "COVID-19 Image Data Collection",
     "covid19": "COVID-19 Image Data Collection (COVID-19 vs other)",
     "covid19_viral_bacterial": "COVID-19 Image Data Collection (viral vs bacterial)",
+    "kermany_pneumonia": "Kermany pediatric chest X-rays (normal vs pneumonia)",
+    "kermany_bacterial_viral": "Kermany pediatric chest X-rays (normal / bacterial / viral pneumonia)",
     # pretraining (source) data: studies with their free-text reports
     "mimic_cxr": "MIMIC-CXR",
     "iu_xray": "IU X-ray (Open-i)",
@@ -165,9 +167,13 @@ def dataset_display_name(dataset: str) -> str:
 def _eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
     evals = []
     for r in results:
+        # The run's problem_type when recorded (a 3-class single-label task, e.g. kermany_bacterial_viral, is not
+        # multi-label); older results without it: more than two labels means multi-label.
+        problem_type = (r.get("config") or {}).get("problem_type")
+        multi_label = problem_type == "multi_label_classification" if problem_type else len(r["label_names"]) > 2
         common = dict(
             task_type=pipeline_tag,
-            task_name="Multi-label image classification" if len(r["label_names"]) > 2 else "Image classification",
+            task_name="Multi-label image classification" if multi_label else "Image classification",
             dataset_type=r["dataset"],
             dataset_name=_test_set_name(r),
             dataset_split="test",

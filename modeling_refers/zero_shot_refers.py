@@ -50,6 +50,15 @@ DEFAULT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
         "bacterial": ("Bacterial pneumonia.", "Viral pneumonia."),
         "viral": ("Viral pneumonia.", "Bacterial pneumonia."),
     },
+    "kermany_pneumonia": {
+        "normal": ("There is no pneumonia.", "There is pneumonia."),
+        "pneumonia": ("There is pneumonia.", "There is no pneumonia."),
+    },
+    "kermany_bacterial_viral": {
+        "normal": ("There is no pneumonia.", "There is pneumonia."),
+        "bacterial": ("Findings consistent with bacterial pneumonia.", "There is no bacterial pneumonia."),
+        "viral": ("Findings consistent with viral pneumonia.", "There is no viral pneumonia."),
+    },
 }
 """Editable class prompts per data set: `{label: (positive sentence, negative sentence)}`, in label order."""
 
