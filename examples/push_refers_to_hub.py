@@ -6,7 +6,11 @@
 The folder is loaded first (AutoModelForPreTraining / AutoModelForImageClassification / AutoModel, whichever its
 config names), so a broken folder is refused before anything is uploaded. A model card (README.md) is written from
 `results.json` when the folder has one, else a pretrained-model card, unless the folder already carries a card.
-Training checkpoints and optimizer state are not uploaded. `HF_ENDPOINT` / `HF_TOKEN` choose the Hub and account.
+Only model files are uploaded (`modeling_refers.hub_upload.hub_files`, the list the Trainer's push uses too): config,
+weights, processor / tokenizer files, the modeling code named in `auto_map`, the card and the figures it shows. Never
+`training_args.bin`, `results.json`, `run_signature.json` or checkpoints; the per-image files `predictions.csv` (test
+labels and scores) and `label_ids.json` (training image ids) only with `--include_predictions` / `--include_label_ids`.
+The repo is created private unless `--hub_private_repo false`. `HF_ENDPOINT` / `HF_TOKEN` choose the Hub and account.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import os
 
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
-
+from transformers.hf_argparser import string_to_bool
 
 import modeling_refers  # noqa: F401  (registers the Auto classes)
+from modeling_refers.hub_upload import upload_model_folder
 from modeling_refers.model_card import make_model_card, save_model_card
 
 AUTO_CLASSES = {
@@ -27,8 +32,6 @@ AUTO_CLASSES = {
     "RefersForImageClassification": AutoModelForImageClassification,
     "RefersModel": AutoModel,
 }
-IGNORE = ["checkpoint-*", "checkpoint-*/**", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",
-          "trainer_state.json", "*.tmp", "runs/**"]
 
 
 def check_folder(model_dir: str):
@@ -56,14 +59,15 @@ def ensure_model_card(model_dir: str, repo_id: str, overwrite: bool) -> None:
     save_model_card(card, path)
 
 
-def push(model_dir: str, repo_id: str, private: bool = False, overwrite_card: bool = False,
-         commit_message: str = "Upload REFERS model") -> str:
+def push(model_dir: str, repo_id: str, private: bool = True, overwrite_card: bool = False,
+         commit_message: str = "Upload REFERS model", include_predictions: bool = False,
+         include_label_ids: bool = False) -> str:
     check_folder(model_dir)
     ensure_model_card(model_dir, repo_id, overwrite_card)
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=model_dir, repo_id=repo_id, ignore_patterns=IGNORE,
-                               commit_message=commit_message)
+    api.create_repo(repo_id, private=private, exist_ok=True)  # an existing repo keeps its visibility
+    commit = upload_model_folder(model_dir, repo_id, include_predictions=include_predictions,
+                                 include_label_ids=include_label_ids, api=api, commit_message=commit_message)
     return commit.oid
 
 
@@ -71,11 +75,20 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--repo_id", required=True, help="namespace/name on the Hub")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--hub_private_repo", type=string_to_bool, default=True, metavar="{true,false}",
+                        help="create the repo private (default: true; medical models); an existing repo keeps its "
+                             "visibility")
+    parser.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # old flag: private is the default
+    parser.add_argument("--include_predictions", action="store_true",
+                        help="also upload predictions.csv: the test labels and scores of every image")
+    parser.add_argument("--include_label_ids", action="store_true",
+                        help="also upload label_ids.json: the ids of the training images used")
     parser.add_argument("--overwrite_card", action="store_true", help="regenerate README.md even if one exists")
     args = parser.parse_args(argv)
-    oid = push(args.model_dir, args.repo_id, args.private, args.overwrite_card)
-    print(f"pushed {args.model_dir} to {args.repo_id} (commit {oid})")
+    private = args.hub_private_repo or args.private
+    oid = push(args.model_dir, args.repo_id, private, args.overwrite_card,
+               include_predictions=args.include_predictions, include_label_ids=args.include_label_ids)
+    print(f"pushed {args.model_dir} to {args.repo_id} ({'private' if private else 'public'} if new, commit {oid})")
     return oid
 
 

@@ -14,7 +14,9 @@ ratio, the label ids used, the data (folder, image size, images per split) and t
 Nothing is written before the inputs are known good. A run in an `--output_dir` that holds checkpoints resumes them
 only when they come from the same run (`run_signature.json`: data, label ratio, seed, starting point and recipe);
 otherwise it stops with the fields that differ. `--start_fresh` deletes the old checkpoints and starts again. `--push_to_hub
---hub_model_id org/name` pushes the model with a model card filled from those results.
+--hub_model_id org/name` pushes the model with a model card filled from those results, to a private repo unless
+`--hub_private_repo false`; only model files go (`modeling_refers.hub_upload`): per-image files only with
+`--hub_include_predictions` / `--hub_include_label_ids`. Paths in `results.json` are relative to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from datasets_scripts import (
 from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
 from .evaluation import multilabel_auc, roc_curve_png
 from .file_utils import atomic_open, atomic_write_text, file_sha256
+from .hub_upload import check_hub_arguments
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
@@ -152,6 +155,21 @@ def initialisation(model_args: ModelArguments) -> str:
         raise ValueError("Pass --model_name_or_path (a REFERS checkpoint) or --timm_weights, not both.")
     return "refers" if model_args.model_name_or_path else "timm" if model_args.timm_weights else "random"
 
+    # A pushed repo is private unless --hub_private_repo false: these are medical models (the Trainer's default,
+    # None, makes it public unless the organisation says otherwise).
+    hub_private_repo: bool | None = field(default=True, metadata={
+        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
+                "existing repo keeps its visibility."})
+    hub_include_predictions: bool = field(default=False, metadata={
+        "help": "--push_to_hub also uploads predictions.csv: the test labels and scores of every image (kept local "
+                "by default)."})
+    hub_include_label_ids: bool = field(default=False, metadata={
+        "help": "--push_to_hub also uploads label_ids.json: the ids of the training images used (kept local by "
+                "default)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 def is_hub_id(text: str) -> bool:
     """`name` or `org/name` with Hub characters only (a relative path like `runs/pretrain` has the same form)."""
@@ -468,7 +486,8 @@ def main(argv=None) -> dict:
         "seed": training_args.seed,
         "init": init,
         "init_from": starting_point_name(model_args),
-        "init_from_path": (os.path.abspath(model_args.model_name_or_path or model_args.timm_weights)
+        "init_from_path": (relative_to_output(model_args.model_name_or_path or model_args.timm_weights,
+                                              training_args.output_dir)
                            if starting_point_name(model_args) and os.path.exists(
                                model_args.model_name_or_path or model_args.timm_weights) else None),
         "num_train_images": len(train_set),
@@ -490,11 +509,12 @@ def main(argv=None) -> dict:
             "max_grad_norm": training_args.max_grad_norm,
             "best_step": best_step(state.best_model_checkpoint),
         },
-        "best_checkpoint": state.best_model_checkpoint,
+        "best_checkpoint": relative_to_output(state.best_model_checkpoint, training_args.output_dir),
         "config": {key: value for key, value in model.config.to_dict().items()
                    if (isinstance(value, (int, float, str, bool)) or value is None)
                    and not key.startswith("_") and key != "transformers_version"},
-        "label_ids_path": os.path.abspath(ids_path) if os.path.exists(ids_path) else None,
+        "label_ids_path": (relative_to_output(ids_path, training_args.output_dir) if os.path.exists(ids_path)
+                           else None),
     }
     if trainer.is_world_process_zero():
         atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
@@ -516,6 +536,16 @@ def main(argv=None) -> dict:
     if training_args.push_to_hub and training_args.do_train:
         trainer.push_to_hub(commit_message=f"REFERS fine-tuned on {spec.name} (mean AUC {results['mean_auc']})")
     return results
+
+
+def relative_to_output(path: str | None, output_dir: str) -> str | None:
+    """`path` relative to `--output_dir` (results.json holds no absolute local path), or None."""
+    if not path:
+        return None
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+    except ValueError:  # another drive (Windows): no relative path
+        return None
 
 
 def best_step(checkpoint: str | None) -> int | None:

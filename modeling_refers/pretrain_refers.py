@@ -38,6 +38,7 @@ from . import (
     train_report_tokenizer,
 )
 from .file_utils import atomic_write_text, file_sha256
+from .hub_upload import check_hub_arguments
 from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
 from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
 from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
@@ -159,6 +160,14 @@ class PretrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False)
     report_to: None | str | list[str] = field(default="none")
     logging_steps: float = field(default=10)
+    # A pushed repo is private unless --hub_private_repo false (the Trainer's default, None, makes it public).
+    hub_private_repo: bool | None = field(default=True, metadata={
+        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
+                "existing repo keeps its visibility."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
 def build_tokenizers(model_args, train_reports, output_dir, training_args):

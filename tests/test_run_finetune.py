@@ -74,8 +74,10 @@ def test_finetune_from_a_refers_checkpoint_writes_results_predictions_and_card(
             assert stored["per_class_auc"][name] is None and name in stored["undefined_classes"]
     assert math.isclose(stored["mean_auc"], np.mean([v for v in stored["per_class_auc"].values() if v is not None]))
 
-    # The label ids written reproduce the training subset.
-    ids = json.loads(Path(stored["label_ids_path"]).read_text())
+    # The label ids written reproduce the training subset; results.json names them relative to the output folder.
+    assert stored["label_ids_path"] == "label_ids.json" and stored["best_checkpoint"].startswith("checkpoint-")
+    assert str(tmp_path) not in (out / "results.json").read_text()
+    ids = json.loads((out / stored["label_ids_path"]).read_text())
     assert len(ids["ids"]) == stored["num_train_images"]
     with Image.open(out / "roc_curve.png") as image:
         assert image.format == "PNG"
@@ -175,12 +177,45 @@ def test_bad_inputs(tmp_path, nih_dir, tiny_refers_checkpoint):
                            str(wrong), *FAST])
 
 
+# What a fine-tuned model repo holds: model files only (modeling_refers.hub_upload), never training_args.bin (the
+# token), results.json / run_signature.json (local paths) or per-image files.
+FINETUNED_REPO_FILES = {".gitattributes", "README.md", "config.json", "configuration_refers.py",
+                        "image_processing_refers.py", "model.safetensors", "modeling_refers.py",
+                        "preprocessor_config.json"}
+
+
+def _every_file_ever_pushed(local_hub, repo_id: str) -> dict:
+    """path -> bytes, over every commit of the repo (the pushes at each save during training included)."""
+    repo = local_hub.repos[("model", repo_id)]
+    files = {}
+    for commit in repo.commits.values():
+        for path, entry in commit.files.items():
+            files[(commit.oid, path)] = (entry.content if entry.lfs_sha256 is None
+                                         else local_hub.lfs_objects[entry.lfs_sha256])
+    return files
+
+
 def test_push_to_hub_through_the_trainer_and_the_script(tmp_path, nih_dir, tiny_refers_checkpoint, local_hub):
     out = tmp_path / "ft"
     results = run_finetune.main(["--output_dir", str(out), "--data_dir", nih_dir, "--model_name_or_path",
-                                 tiny_refers_checkpoint, "--do_train", "--push_to_hub", "--hub_model_id",
-                                 "org/refers-vit-nih", *FAST])
-    assert "config.json" in local_hub.list_files("org/refers-vit-nih")
+                                 tiny_refers_checkpoint, "--do_train", "--do_predict", "--push_to_hub",
+                                 "--hub_model_id", "org/refers-vit-nih", "--hub_token", local_hub.token, *FAST])
+    # The output folder holds what must stay local: the token in training_args.bin, per-image files.
+    local = {path.name for path in out.iterdir()}
+    assert {"training_args.bin", "results.json", "run_signature.json", "label_ids.json", "predictions.csv"} <= local
+    assert local_hub.token.encode() in (out / "training_args.bin").read_bytes()
+
+    # Exactly the model files arrived, at the end and in every push during training; the repo is private.
+    repo = local_hub.repos[("model", "org/refers-vit-nih")]
+    assert repo.private is True
+    assert set(local_hub.list_files("org/refers-vit-nih")) == FINETUNED_REPO_FILES
+    assert any(commit.title.startswith("Training in progress") for commit in repo.commits.values())
+    pushed = _every_file_ever_pushed(local_hub, "org/refers-vit-nih")
+    assert {path for _, path in pushed} == FINETUNED_REPO_FILES
+    # No pushed file holds the output folder's absolute path or the token.
+    for (oid, path), data in pushed.items():
+        for secret in (str(out.resolve()), str(out), str(tmp_path), local_hub.token):
+            assert secret.encode() not in data, f"{path} (commit {oid[:8]}) contains {secret!r}"
     pulled = AutoModelForImageClassification.from_pretrained("org/refers-vit-nih").eval()
     local = RefersForImageClassification.from_pretrained(out).eval()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
@@ -188,10 +223,23 @@ def test_push_to_hub_through_the_trainer_and_the_script(tmp_path, nih_dir, tiny_
     card = local_hub.file_bytes("org/refers-vit-nih", "README.md").decode()
     assert f"{results['mean_auc']}"[:6] in card
 
-    # A pretrained folder through push_refers_to_hub.py: weights, config, modeling code, model card.
-    push_refers_to_hub.main(["--model_dir", tiny_refers_checkpoint, "--repo_id", "org/refers-vit"])
+    # The fine-tuned folder through push_refers_to_hub.py: the same model files, private; per-image files only when
+    # asked for by name.
+    push_refers_to_hub.main(["--model_dir", str(out), "--repo_id", "org/refers-nih-script"])
+    assert set(local_hub.list_files("org/refers-nih-script")) == FINETUNED_REPO_FILES
+    assert local_hub.repos[("model", "org/refers-nih-script")].private is True
+    push_refers_to_hub.main(["--model_dir", str(out), "--repo_id", "org/refers-nih-script", "--include_predictions"])
+    assert set(local_hub.list_files("org/refers-nih-script")) == FINETUNED_REPO_FILES | {"predictions.csv"}
+    for (oid, path), data in _every_file_ever_pushed(local_hub, "org/refers-nih-script").items():
+        assert str(tmp_path).encode() not in data and local_hub.token.encode() not in data, path
+
+    # A pretrained folder through push_refers_to_hub.py, public on request: weights, config, modeling code, card.
+    push_refers_to_hub.main(["--model_dir", tiny_refers_checkpoint, "--repo_id", "org/refers-vit",
+                             "--hub_private_repo", "false"])
     files = set(local_hub.list_files("org/refers-vit"))
-    assert {"config.json", "model.safetensors", "modeling_refers.py", "README.md"} <= files
+    assert files == {".gitattributes", "config.json", "configuration_refers.py", "model.safetensors",
+                     "modeling_refers.py", "README.md"}
+    assert local_hub.repos[("model", "org/refers-vit")].private is False
     backbone = AutoModel.from_pretrained("org/refers-vit")
     assert type(backbone) is RefersModel
     pretrained = RefersForPreTraining.from_pretrained(tiny_refers_checkpoint)
