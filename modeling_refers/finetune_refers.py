@@ -61,6 +61,7 @@ from .file_utils import atomic_open, atomic_write_text, file_sha256
 from .hub_upload import check_hub_arguments
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from datasets_scripts.common import resolve_split_dir
+from datasets_scripts.labelled_images import NAME as LABELLED_IMAGES
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
 from datasets_scripts.label_ratio import ID_FILE_FORMAT
 
@@ -106,6 +107,26 @@ class DataArguments:
                                          "Without it, a run in a folder that holds checkpoints of a run with other "
                                          "settings (data, label ratio, seed, starting point, recipe) is refused, and "
                                          "the same run is resumed."})
+    # --dataset_name labelled_images (your own data; datasets_scripts/labelled_images.py): how to read --data_dir.
+    labels_csv: str | None = field(default=None, metadata={
+        "help": "labelled_images: the labels CSV, one row per image (default <data_dir>/labels.csv; a relative path "
+                "not found as given is looked up in --data_dir). Without one, --data_dir may be a save_to_disk or "
+                "imagefolder data set."})
+    label_columns: list[str] | None = field(default=None, metadata={
+        "help": "labelled_images: the label columns (several 0/1 columns: multi-label; one column of class names: "
+                "multi-class); default every column but the image, id, patient and split columns."})
+    problem_type: str | None = field(default=None, metadata={
+        "help": "labelled_images: multi_label_classification or single_label_classification (default: inferred "
+                "from the labels, and logged)."})
+    image_column: str | None = field(default=None, metadata={"help": "labelled_images: the image path column."})
+    split_column: str | None = field(default=None, metadata={
+        "help": "labelled_images: the train/validation/test column (default 'split' when present; else a seeded "
+                "patient-level split)."})
+    patient_column: str | None = field(default=None, metadata={
+        "help": "labelled_images: the patient id column (default 'patient_id' or 'patient'; else one per image)."})
+    split_fractions: list[float] | None = field(default=None, metadata={
+        "help": "labelled_images: train, validation and test fractions of the seeded split (default 0.7 0.1 0.2)."})
+    split_seed: int | None = field(default=None, metadata={"help": "labelled_images: seed of that split (default 0)."})
 
 
 @dataclass
@@ -134,6 +155,21 @@ class FinetuningArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False)
     report_to: None | str | list[str] = field(default="none")
     logging_steps: float = field(default=10)
+    # A pushed repo is private unless --hub_private_repo false: these are medical models (the Trainer's default,
+    # None, makes it public unless the organisation says otherwise).
+    hub_private_repo: bool | None = field(default=True, metadata={
+        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
+                "existing repo keeps its visibility."})
+    hub_include_predictions: bool = field(default=False, metadata={
+        "help": "--push_to_hub also uploads predictions.csv: the test labels and scores of every image (kept local "
+                "by default)."})
+    hub_include_label_ids: bool = field(default=False, metadata={
+        "help": "--push_to_hub also uploads label_ids.json: the ids of the training images used (kept local by "
+                "default)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
 # TrainingArguments fields that decide what a fine-tuning run computes (and so whether a checkpoint can be resumed).
@@ -150,26 +186,25 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 FULL_RELEASE_IMAGES = {"nih_chestxray14": 112_120, "kermany_pneumonia": 5_856, "kermany_bacterial_viral": 5_856}
 
 
+# DataArguments that only --dataset_name labelled_images reads (passed to its loader when given).
+OWN_DATA_OPTIONS = ("labels_csv", "label_columns", "problem_type", "image_column", "split_column", "patient_column",
+                    "split_fractions", "split_seed")
+
+
+def own_data_options(data_args: DataArguments) -> dict:
+    """The labelled_images loader's options that were given; ValueError naming them for another --dataset_name."""
+    given = {name: getattr(data_args, name) for name in OWN_DATA_OPTIONS if getattr(data_args, name) is not None}
+    if given and data_args.dataset_name != LABELLED_IMAGES:
+        raise ValueError(f"{', '.join('--' + name for name in given)} only apply to --dataset_name {LABELLED_IMAGES} "
+                         f"(your own labelled images), not {data_args.dataset_name!r}")
+    return given
+
+
 def initialisation(model_args: ModelArguments) -> str:
     if model_args.model_name_or_path and model_args.timm_weights:
         raise ValueError("Pass --model_name_or_path (a REFERS checkpoint) or --timm_weights, not both.")
     return "refers" if model_args.model_name_or_path else "timm" if model_args.timm_weights else "random"
 
-    # A pushed repo is private unless --hub_private_repo false: these are medical models (the Trainer's default,
-    # None, makes it public unless the organisation says otherwise).
-    hub_private_repo: bool | None = field(default=True, metadata={
-        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
-                "existing repo keeps its visibility."})
-    hub_include_predictions: bool = field(default=False, metadata={
-        "help": "--push_to_hub also uploads predictions.csv: the test labels and scores of every image (kept local "
-                "by default)."})
-    hub_include_label_ids: bool = field(default=False, metadata={
-        "help": "--push_to_hub also uploads label_ids.json: the ids of the training images used (kept local by "
-                "default)."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 def is_hub_id(text: str) -> bool:
     """`name` or `org/name` with Hub characters only (a relative path like `runs/pretrain` has the same form)."""
@@ -266,6 +301,7 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
         "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
                                 if data_args.prepared_data_dir else None),
         "label_ids_path": os.path.abspath(data_args.label_ids_path) if data_args.label_ids_path else None,
+        **({"data_options": own_data_options(data_args)} if own_data_options(data_args) else {}),
         "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
         "num_train_images": len(train_set),
         "num_eval_images": len(eval_set),
@@ -396,6 +432,7 @@ def main(argv=None) -> dict:
     if data_args.dataset_name not in TARGET_DATASETS:
         raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}; valid: {', '.join(sorted(TARGET_DATASETS))}")
     spec = TARGET_DATASETS[data_args.dataset_name]
+    data_options = own_data_options(data_args)
     if data_args.prepared_data_dir:
         data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=spec.name)
         data_dir = (data_args.data_dir or read_prepared_metadata(data_args.prepared_data_dir)["source"].get("data_dir")
@@ -410,7 +447,8 @@ def main(argv=None) -> dict:
     set_seed(training_args.seed)
 
     if not data_args.prepared_data_dir:
-        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir)
+        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir, **data_options)
+    spec = spec.with_labels_of(data["train"])  # labelled_images: label names and problem type from the data
     full_train, eval_set, test_set = data["train"], data["validation"], data["test"]
     ids_path = data_args.label_ids_path or os.path.join(training_args.output_dir, "label_ids.json")
     if data_args.label_ids_path:
