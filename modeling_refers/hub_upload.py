@@ -42,6 +42,8 @@ PER_IMAGE_FILES = {"predictions.csv": "include_predictions", "label_ids.json": "
 LOCAL_ONLY_FILES = ("training_args.bin", "run_signature.json", "results.json", "trainer_state.json",
                     "all_results.json", "train_results.json", "eval_results.json", "test_results.json",
                     *PER_IMAGE_FILES)
+# Trainer checkpoint folders an earlier push may have left (`--hub_strategy checkpoint`, older push scripts).
+LOCAL_ONLY_FOLDERS = ("last-checkpoint/*", "checkpoint-*/*")
 
 
 def _auto_map_modules(value) -> list[str]:
@@ -126,7 +128,7 @@ def upload_model_folder(folder: str | os.PathLike, repo_id: str, include_predict
     if "config.json" not in files:  # an empty allow-list would make an empty commit, not a model repo
         raise FileNotFoundError(f"{os.fspath(folder)!r} has no config.json: nothing to push (expected a folder "
                                 "written by save_pretrained / run_pretrain.py / run_finetune.py)")
-    stale = [glob.escape(name) for name in LOCAL_ONLY_FILES if name not in files]
+    stale = [glob.escape(name) for name in LOCAL_ONLY_FILES if name not in files] + list(LOCAL_ONLY_FOLDERS)
     return (api or HfApi()).upload_folder(folder_path=os.fspath(folder), repo_id=repo_id,
                                           allow_patterns=[glob.escape(name) for name in files],
                                           delete_patterns=stale, **upload_kwargs)
