@@ -30,6 +30,9 @@ TEXT_MODULE_PREFIXES = ("report_decoder.", "text_encoder.", "text_projection.")
 DECODER_MODULE_PREFIXES = ("report_decoder.",)
 # Parts of a pretraining loss that the trainer logs beside `loss` when a model returns them.
 LOGGED_LOSS_PARTS = ("loss_report", "loss_contrast", "loss_global", "loss_local", "loss_image")
+# Collator outputs that `RefersTrainer` keeps aside and never passes to the model: the ids of the batch's studies
+# (`study_id`) or images (`image_id`), named when the batch's loss goes non-finite.
+BATCH_ID_KEYS = ("study_ids", "image_ids")
 
 # The two pretraining recipes. "paper": the paper's text (decoder and BERT at the text learning rate 3e-4, no
 # Lookahead). "official": the released code (Pre-train/refers/config.py and factories.py of funnyzhou/REFERS): only
@@ -59,17 +62,20 @@ def process_studies(processor, examples: list[dict], train: bool, generators: di
                     return_flipped: bool) -> tuple[dict, list[str] | None]:
     """Source-domain rows through a `RefersProcessor` (views picked and augmented at train time, reports tokenized,
     left/right swapped on flips). Returns the batch and, with `return_flipped`, each report as the model must see it
-    (swapped where its study was mirrored), for a second tokenization; the `flipped` flags are removed."""
+    (swapped where its study was mirrored), for a second tokenization; the `flipped` flags are removed. The batch
+    carries the rows' `study_id`s as `study_ids` (a list, kept aside by `RefersTrainer`, see `BATCH_ID_KEYS`)."""
     reports = [example["report"] for example in examples]
+    study_ids = [example.get("study_id") for example in examples]
     batch = processor(
         images=[example["images"] for example in examples],
         text=reports,
-        study_ids=[example.get("study_id") for example in examples],
+        study_ids=study_ids,
         do_train_augment=train,
         generator=worker_generator(generators) if train else None,
         return_flipped=return_flipped,
         return_tensors="pt",
     )
+    batch["study_ids"] = study_ids
     if not return_flipped:
         return batch, None
     flipped = batch.pop("flipped").tolist()
@@ -136,7 +142,8 @@ class MaskedReportCollator:
 @dataclass
 class ImageLabelCollator:
     """Target-domain rows (`image`, `labels`) -> `pixel_values` `(B, C, H, W)` and `labels` through a
-    `RefersImageProcessor` (train-time augmentation at train). Multi-hot labels become float, class ids long."""
+    `RefersImageProcessor` (train-time augmentation at train). Multi-hot labels become float, class ids long. The
+    rows' `image_id`s ride along as `image_ids` (kept aside by `RefersTrainer`, see `BATCH_ID_KEYS`)."""
 
     image_processor: object
     train: bool
@@ -154,7 +161,9 @@ class ImageLabelCollator:
             batch["labels"] = torch.tensor(np.asarray(labels, dtype=np.float32))
         else:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        return dict(batch)
+        batch = dict(batch)
+        batch["image_ids"] = [example.get("image_id") for example in examples]
+        return batch
 
 
 class RefersTrainer(Trainer):
@@ -165,7 +174,13 @@ class RefersTrainer(Trainer):
     at the initial weights as in the Lookahead paper and the official code. The Trainer's scheduler (linear warm-up,
     cosine decay) scales every group alike. In training it also logs the parts of the loss a model returns
     (`loss_report`, `loss_contrast`). `eval_data_collator` (no augmentation) collates evaluation and prediction
-    batches; `data_collator` the training batches."""
+    batches; `data_collator` the training batches.
+
+    A non-finite training or evaluation loss stops the run with a `FloatingPointError` naming the step, the loss part
+    that went non-finite and the batch's study/image ids (the collators' `BATCH_ID_KEYS`, which never reach the
+    model), before backward and before anything is saved, so the last checkpoint in `output_dir` is the last good
+    one. (The Trainer alone would hide the NaN from the logged loss, train on, and drop NaN batches from
+    `eval_loss`.)"""
 
     def __init__(self, *args, text_learning_rate: float | None = None, sgd_momentum: float = 0.9,
                  decoder_learning_rate: float | None = None, lookahead_steps: int = 0, lookahead_alpha: float = 0.5,
@@ -188,6 +203,7 @@ class RefersTrainer(Trainer):
         self.sgd_momentum = sgd_momentum
         self.eval_data_collator = eval_data_collator
         self._loss_parts: dict[str, list[float]] = {}
+        self._batch_ids: tuple[str, list] | None = None  # the ids of the batch being computed, for error messages
 
     def learning_rate_of(self, name: str) -> float:
         """The peak learning rate of the parameter called `name`."""
@@ -305,8 +321,40 @@ class RefersTrainer(Trainer):
         self.optimizer = optimizer
         return self.optimizer
 
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        # Every training and evaluation batch passes here on its way to the model: keep its ids aside.
+        self._batch_ids = None
+        if any(key in inputs for key in BATCH_ID_KEYS):
+            inputs = dict(inputs)
+            for key in BATCH_ID_KEYS:
+                if key in inputs:
+                    self._batch_ids = (key, list(inputs.pop(key)))
+        return super()._prepare_inputs(inputs)
+
+    def _refuse_non_finite_loss(self, loss, outputs, training: bool) -> None:
+        parts = {key: outputs.get(key) for key in LOGGED_LOSS_PARTS} if hasattr(outputs, "get") else {}
+        values = {key: value for key, value in {"loss": loss, **parts}.items() if value is not None}
+        bad = {key: value for key, value in values.items() if not torch.isfinite(value.detach()).all()}
+        if not bad:
+            return
+        named = [key for key in bad if key != "loss"] or ["loss"]
+        shown = ", ".join(f"{key} = {bad[key].detach().float().mean().item()}" for key in named)
+        if self._batch_ids is not None:
+            batch = f"the batch of {self._batch_ids[0]} {self._batch_ids[1]}"
+        else:
+            batch = f"a batch without ids (its collator gave none of {', '.join(BATCH_ID_KEYS)})"
+        step = self.state.global_step
+        where = f"training loss at step {step + 1}" if training else f"evaluation loss after step {step}"
+        raise FloatingPointError(
+            f"The {where} is not finite: {shown}, on {batch}. The run stops here, before this batch changes the "
+            f"weights and before anything more is saved: the last checkpoint in {self.args.output_dir!r} is the last "
+            "good one. Lower the learning rate (or raise the warm-up, or clip gradients harder), look at that batch, "
+            "then resume from that checkpoint."
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._refuse_non_finite_loss(loss, outputs, training=model.training)
         if model.training:
             for key in LOGGED_LOSS_PARTS:
                 value = outputs.get(key) if hasattr(outputs, "get") else None

@@ -26,13 +26,13 @@ from modeling_refers.training_refers import (
 VOCAB, BOS, EOS, PAD = 64, 2, 3, 0
 
 
-def tiny_model() -> RefersForPreTraining:
+def tiny_model(vocab_size: int = VOCAB) -> RefersForPreTraining:
     torch.manual_seed(0)
     return RefersForPreTraining(RefersConfig(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, view_fusion_hidden_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                         vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                         vocab_size=vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
         decoder_intermediate_size=64, decoder_dropout_prob=0.0, max_report_length=16, bos_token_id=BOS,
         eos_token_id=EOS, pad_token_id=PAD))
@@ -315,3 +315,84 @@ def test_loading_a_half_written_folder_names_the_truncated_file(tmp_path):
     with pytest.raises(OSError, match=rf"Cannot load RefersForImageClassification from '{folder}': "
                                       rf"{folder / 'model.safetensors'} is truncated"):
         RefersForImageClassification.from_pretrained_checked(folder, num_labels=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A diverging run stops loudly
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PoisonBeforeStep:
+    """Trainer callback: before optimizer step `step` (1-based) fills one parameter with NaN, as a diverged update
+    would, so that the loss part reading it goes non-finite."""
+
+    def __init__(self, parameter: str, step: int):
+        self.parameter, self.step = parameter, step
+
+    def __getattr__(self, event):  # the Trainer calls every on_* event; only on_step_begin acts
+        return lambda *args, **kwargs: None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step - 1:
+            with torch.no_grad():
+                model.get_parameter(self.parameter).fill_(float("nan"))
+
+
+def test_non_finite_training_loss_stops_the_run_naming_step_part_and_studies(studies_with_sides, tmp_path):
+    """Without the check the Trainer hid the NaN from the logged loss, stepped on NaN gradients and saved a NaN
+    checkpoint-3; now step 3 raises before backward, and checkpoint-2 stays the last (good) one."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    rows, all_reports = studies_with_sides
+    tokenizer = train_report_tokenizer(all_reports, vocab_size=120)
+    processor = RefersProcessor(RefersImageProcessor(**processor_sizes(32)), tokenizer, num_views=3, max_length=16)
+    collator = StudyReportCollator(processor, train=False)
+    ids = [row["study_id"] for row in rows]
+    assert collator(rows)["study_ids"] == ids
+    out = tmp_path / "run"
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", remove_unused_columns=False,
+                             per_device_train_batch_size=len(rows), max_steps=5, save_steps=1, logging_steps=1,
+                             learning_rate=1e-3)
+    trainer = RefersTrainer(model=tiny_model(len(tokenizer)), args=args, data_collator=collator,
+                            train_dataset=Dataset.from_list(rows), callbacks=[PoisonBeforeStep("text_projection.weight", step=3)])
+    with pytest.raises(FloatingPointError) as raised:
+        trainer.train()
+    message = str(raised.value)
+    assert message.startswith("The training loss at step 3 is not finite: loss_contrast = nan, on the batch of "
+                              "study_ids [")
+    assert "loss_report" not in message  # the decoder's loss was still finite: only the part that went is named
+    assert all(repr(study_id) in message for study_id in ids)
+    assert f"the last checkpoint in {str(out)!r} is the last good one" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    weights = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_non_finite_evaluation_loss_stops_naming_the_images(shared_data_dir, tmp_path):
+    """Fine-tuning batches carry `image_ids`; they never reach the model (its forward signature stays as exported),
+    and a NaN evaluation loss raises instead of being dropped from `eval_loss`."""
+    from datasets_scripts import load_target_dataset
+    from modeling_refers import RefersForImageClassification
+    from modeling_refers.training_refers import ImageLabelCollator
+
+    data = load_target_dataset("nih_chestxray14", shared_data_dir / "nih_chestxray14_sample")["validation"]
+    data = data.select(range(3))
+    config = tiny_model().config
+    config.num_labels, config.problem_type = len(data[0]["labels"]), "multi_label_classification"
+    model = RefersForImageClassification(config)
+    collator = ImageLabelCollator(RefersImageProcessor(**processor_sizes(32)), train=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False,
+                             per_device_eval_batch_size=3)
+    trainer = RefersTrainer(model=model, args=args, data_collator=collator, eval_dataset=data)
+    assert collator(list(data))["image_ids"] == list(data["image_id"])
+    received = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: received.append(set(kwargs)), with_kwargs=True)
+    assert set(trainer.evaluate()) >= {"eval_loss"}  # finite
+    assert received == [{"pixel_values", "labels"}]  # the ids were kept aside
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError) as raised:
+        trainer.evaluate()
+    assert str(raised.value).startswith(
+        f"The evaluation loss after step 0 is not finite: loss = nan, on the batch of image_ids {list(data['image_id'])}.")
