@@ -134,3 +134,25 @@ def test_a_cnn_checkpoint_gets_cnn_cells_and_is_not_mixed_with_a_vit(tmp_path, n
     assert run_label_efficiency.architecture_text(arch) == "resnet18 CNN 48px, width 512, 2 views"
     overrides = run_label_efficiency.cell_overrides(arch, None)
     assert "backbone=resnet18" in overrides.split(",") and "aggregation=none" in overrides.split(",")
+
+
+def test_cell_weights_follow_the_umask(tmp_path, nih_dir):
+    """Each cell's checkpoints and final weights get the mode open() gives (0666 less the umask), not safetensors
+    0.8's 0600 (safetensors issue #782)."""
+    import os
+    import stat
+
+    out = tmp_path / "grid"
+    previous = os.umask(0o002)
+    try:
+        run_label_efficiency.main(["--output_dir", str(out), "--data_dir", nih_dir, "--ratios", "0.5", "--seeds", "0",
+                                   "--inits", "random", "--", "--config_overrides",
+                                   "image_size=32,patch_size=8,hidden_size=16,num_hidden_layers=1,"
+                                   "num_attention_heads=2,intermediate_size=32,view_fusion_hidden_size=8", *FAST])
+    finally:
+        os.umask(previous)
+    cell = out / "random" / "ratio-0.5" / "seed-0"
+    weights = {path.relative_to(cell).as_posix(): stat.S_IMODE(path.stat().st_mode)
+               for path in cell.rglob("*.safetensors")}
+    assert {"model.safetensors", "checkpoint-1/model.safetensors"} <= set(weights)
+    assert weights == {path: 0o664 for path in weights}

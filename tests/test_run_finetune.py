@@ -251,6 +251,25 @@ def test_push_to_hub_through_the_trainer_and_the_script(tmp_path, nih_dir, tiny_
         push_refers_to_hub.main(["--model_dir", str(tmp_path / "empty"), "--repo_id", "org/nothing"])
 
 
+def test_checkpoint_and_final_weights_follow_the_umask(tmp_path, nih_dir):
+    """safetensors 0.8 writes weights through a 0600 temporary file (safetensors issue #782): every weights file the
+    Trainer saves (checkpoints and the final model) gets the mode open() gives, 0666 less the umask, as the rest."""
+    import os
+    import stat
+
+    out = tmp_path / "ft"
+    previous = os.umask(0o027)
+    try:
+        run_finetune.main(["--output_dir", str(out), "--data_dir", nih_dir, "--config_overrides", TINY, "--do_train",
+                           *FAST])
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(out).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in out.rglob("*")
+             if path.is_file()}
+    assert {"model.safetensors", "checkpoint-1/model.safetensors", "checkpoint-2/model.safetensors"} <= set(modes)
+    assert modes == {path: 0o640 for path in modes}
+
+
 def test_metric_agrees_with_sklearn_on_logits_and_probabilities():
     rng = np.random.default_rng(0)
     labels = (rng.random((40, 3)) > 0.6).astype(int)
