@@ -50,6 +50,7 @@ import PIL.Image
 from datasets import DatasetDict, List, Value
 
 from modeling_refers.file_utils import atomic_open
+from modeling_refers.image_processing_refers import load_dicom
 
 from .common import (
     InvalidDataError,
@@ -85,32 +86,19 @@ BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 BOX_FEATURE = List({"label": Value("string"), "rad_id": Value("string"), "x_min": Value("float32"),
                     "y_min": Value("float32"), "x_max": Value("float32"), "y_max": Value("float32")})
 DICOM_EXTENSIONS = (".dicom", ".dcm")
+DICOM_READER_TAG = "v2"  # part of default_converted_dir: bump when dicom_to_uint8's pixels change
 
 
 def dicom_to_uint8(path: str | os.PathLike, use_voi_lut: bool = True) -> np.ndarray:
-    """[H, W] uint8 image of a single-frame grayscale DICOM.
-
-    Stored values -> modality LUT (Rescale Slope/Intercept) -> VOI LUT or window (Window Center/Width)
-    when present and `use_voi_lut` -> inverted when PhotometricInterpretation is MONOCHROME1 (so bone is
-    bright) -> min-max stretched to 0..255 and rounded.
-    """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    if pixels.ndim != 2:
-        raise ValueError(f"expected one grayscale frame, got pixel array of shape {pixels.shape}")
-    values = apply_modality_lut(pixels, ds)
-    if use_voi_lut and ("WindowCenter" in ds or "VOILUTSequence" in ds):
-        values = apply_voi_lut(values, ds)
-    values = values.astype(np.float64)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        values = values.max() - values
-    low, high = values.min(), values.max()
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+    """[H, W] uint8 image of a single-frame grayscale DICOM: the processor's reader
+    (`modeling_refers.image_processing_refers.load_dicom`: modality LUT -> VOI LUT or window, incl. SIGMOID ->
+    its output range to 0..255 (min-max without one) -> inverted for MONOCHROME1 / Presentation LUT Shape
+    INVERSE), so that the PNGs trained on hold the pixels a DICOM gets at inference."""
+    image = load_dicom(path, use_voi_lut=use_voi_lut)
+    if image.ndim != 2:
+        raise ValueError(f"DICOM file '{os.fspath(path)}': expected one grayscale frame, got pixel array of shape "
+                         f"{image.shape}")
+    return image
 
 
 def convert_dicom(source: Path, target: Path, max_size: int | None = None) -> None:
@@ -134,11 +122,13 @@ def _convert_or_error(source: Path, target: Path, max_size: int | None) -> str |
 
 
 def default_converted_dir(image_dir: Path, max_size: int | None) -> Path:
-    """`<datasets cache>/refers_vinbigdata_png/<hash of the image folder>-<size>`."""
+    """`<datasets cache>/refers_vinbigdata_png/<hash of the image folder>-<size>-<reader>`: the reader tag changes
+    when `dicom_to_uint8` gives other pixels (v2: the processor's `load_dicom`, VOI output range instead of a
+    min-max stretch after the VOI), so PNGs made by an older reader are not reused."""
     import datasets.config
 
     digest = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:12]
-    return Path(datasets.config.HF_DATASETS_CACHE) / "refers_vinbigdata_png" / f"{digest}-{max_size or 'full'}"
+    return Path(datasets.config.HF_DATASETS_CACHE) / "refers_vinbigdata_png" / f"{digest}-{max_size or 'full'}-{DICOM_READER_TAG}"
 
 
 def labels_from_boxes(table, table_path: Path, invalid: InvalidEntries) -> dict[str, list[float]]:

@@ -23,8 +23,11 @@ Randomness only comes from the `generator` argument of a call (a `numpy.random.G
 or an int seed); nothing reads or changes a global random state.
 """
 
+import io
 import os
 import random
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +43,6 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     infer_channel_dimension_format,
-    load_image,
 )
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
@@ -48,6 +50,10 @@ from transformers.utils import TensorType
 
 _HIGH_BIT_DEPTH_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+# Images given as http(s) URLs: seconds allowed for the connection, each read and the whole download, and the
+# largest download accepted (a 3,000 x 3,000 16-bit PNG is ~15 MB). Module attributes: change them here.
+URL_TIMEOUT_SECONDS = 20.0
+URL_MAX_BYTES = 64 * 2**20
 # ITU-R 601-2 luma, the same weights PIL uses for RGB -> L.
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -86,59 +92,256 @@ def window_to_uint8(
             "window_to_uint8 needs both window_center and window_width, or neither (min-max); got "
             f"window_center={window_center}, window_width={window_width}"
         )
-    values = array.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.any():
-        raise ValueError("window_to_uint8 got an array without any finite value")
+    # float32, in place on one copy (float64 took 236 MB for one 3,000 x 2,500 16-bit PNG; this takes 5 bytes a pixel)
+    finite = None  # integers are always finite: no mask
+    if not np.issubdtype(array.dtype, np.integer):
+        finite = np.isfinite(array)
+        if not finite.any():
+            raise ValueError("window_to_uint8 got an array without any finite value")
+        if finite.all():
+            finite = None
     if window_center is None:
-        low, high = float(values[finite].min()), float(values[finite].max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        low, high = (float(array.min()), float(array.max())) if finite is None else (
+            float(array[finite].min()), float(array[finite].max()))
     else:
         center, width = float(window_center), float(window_width)
         if not width >= 1:
             raise ValueError(f"window_width must be >= 1 (DICOM), got {window_width}")
         if width == 1:
-            scaled = (values > center - 0.5).astype(np.float64)
-        else:
-            scaled = (values - (center - 0.5)) / (width - 1) + 0.5
-    scaled = np.where(finite, np.clip(scaled, 0.0, 1.0), 0.0)
-    out = np.rint(scaled * 255.0).astype(np.uint8)
-    return 255 - out if invert else out
+            out = np.where(array > center - 0.5, np.uint8(255), np.uint8(0))
+            if finite is not None:
+                out[~finite] = 0
+            return 255 - out if invert else out
+        # y = (x - (c - 0.5)) / (w - 1) + 0.5 is (x - low) / (high - low) with these bounds
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    return _scale_to_uint8(array, low, high, invert, finite)
 
 
-def load_dicom(path: str | os.PathLike) -> np.ndarray:
+def _scale_to_uint8(
+    values: np.ndarray, low: float, high: float, invert: bool = False, finite: np.ndarray | None = None
+) -> np.ndarray:
+    """`rint(255 * (values - low) / (high - low))` clipped to 0..255 (`high - values` when inverted), as uint8.
+
+    Computed in float32, in place on one copy of `values` (4 bytes a pixel besides the uint8 result); `low >= high`
+    gives zeros; where `finite` is False the result is 0.
+    """
+    if not high > low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = np.array(values, dtype=np.float32, copy=True)
+    if invert:
+        np.subtract(np.float32(high), scaled, out=scaled)
+    else:
+        scaled -= np.float32(low)
+    scaled *= np.float32(255.0 / (high - low))
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    if finite is not None:
+        scaled[~finite] = 0.0
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+# pip packages that give pydicom a decoder for each compressed transfer syntax (pydicom.pixels.decoders.*):
+# the import names pydicom reports are not always what pip installs (gdcm is `python-gdcm`).
+_PYLIBJPEG_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_PYLIBJPEG_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+_GDCM = "pip install python-gdcm"
+_DICOM_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": (_PYLIBJPEG_LIBJPEG, "pip install pillow", _GDCM),  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": (_PYLIBJPEG_LIBJPEG, _GDCM),  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57": (_PYLIBJPEG_LIBJPEG, _GDCM),  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": (_PYLIBJPEG_LIBJPEG, _GDCM),  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": ("pip install pyjpegls", _PYLIBJPEG_LIBJPEG, _GDCM),  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": ("pip install pyjpegls", _PYLIBJPEG_LIBJPEG, _GDCM),  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90": (_PYLIBJPEG_OPENJPEG, _GDCM),  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": (_PYLIBJPEG_OPENJPEG, _GDCM),  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": (_PYLIBJPEG_OPENJPEG,),  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": (_PYLIBJPEG_OPENJPEG,),  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": (_PYLIBJPEG_OPENJPEG,),  # HTJ2K
+    "1.2.840.10008.1.2.5": ("pip install pylibjpeg pylibjpeg-rle",),  # RLE Lossless (pydicom decodes it itself)
+}
+# Rows converted at a time: pydicom's LUT / window functions return float64, so this bounds their copies.
+_DICOM_ROWS_PER_CHUNK = 256
+
+
+def _check_dicom_pixel_count(dataset: Any, path: str) -> int:
+    """PIL's decompression-bomb rule for a DICOM, from its header alone: Rows x Columns x NumberOfFrames above
+    `PIL.Image.MAX_IMAGE_PIXELS` warns (`DecompressionBombWarning`), above twice that raises
+    `DecompressionBombError` (a 68 KB deflated file can declare 6,000 x 6,000). Returns the number of frames."""
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"DICOM file '{path}' has no valid Rows / Columns / NumberOfFrames: {err}") from err
+    pixels = rows * columns * frames
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"DICOM file '{path}' declares {rows} x {columns} pixels x {frames} frame(s) = {pixels} pixels, more "
+            f"than twice PIL.Image.MAX_IMAGE_PIXELS ({limit}): could be a decompression bomb; raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None) if you trust the file"
+        )
+    if limit is not None and pixels > limit:
+        warnings.warn(
+            f"DICOM file '{path}' declares {rows} x {columns} pixels x {frames} frame(s) = {pixels} pixels, more "
+            f"than PIL.Image.MAX_IMAGE_PIXELS ({limit}): could be a decompression bomb",
+            Image.DecompressionBombWarning,
+        )
+    return frames
+
+
+def _check_dicom_decoder(dataset: Any, path: str) -> None:
+    """A compressed transfer syntax without an installed pydicom decoder: an error naming the pip package."""
+    from pydicom.pixels import get_decoder
+
+    meta = getattr(dataset, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None or not uid.is_encapsulated:
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as err:
+        raise OSError(
+            f"cannot read DICOM file '{path}': pydicom has no decoder for its transfer syntax {uid.name} ({uid})"
+        ) from err
+    if decoder.is_available:
+        return
+    commands = _DICOM_DECODER_PACKAGES.get(str(uid))
+    hint = " or ".join(f"`{c}`" for c in commands) if commands else "; ".join(decoder.missing_dependencies)
+    raise OSError(
+        f"cannot read DICOM file '{path}': its pixel data is compressed as {uid.name} ({uid}) and no installed "
+        f"package decodes it; install one: {hint}"
+    )
+
+
+def _dicom_voi_range(dataset: Any, use_voi_lut: bool) -> tuple[float, float, bool] | None:
+    """The output range of the VOI transform `apply_voi_lut(..., dataset)` applies (VOI LUT Sequence, else Window
+    Center / Width with its VOI LUT Function) and whether it is a LUT, or None when the file has neither (or
+    `use_voi_lut` is False).
+
+    Found with pydicom's own functions: a VOI LUT is read through `apply_voi` over all its entries (its lowest to
+    highest value); a window maps -inf and +inf to the two ends of its range (LINEAR, LINEAR_EXACT and SIGMOID).
+    """
+    from pydicom.pixels import apply_voi, apply_windowing
+
+    if not use_voi_lut:
+        return None
+    sequence = dataset.get("VOILUTSequence")
+    if sequence and None not in (sequence[0].get("LUTDescriptor"), sequence[0].get("LUTData")):
+        entries, first, _ = (int(value) for value in sequence[0].LUTDescriptor)
+        table = apply_voi(np.arange(first, first + (entries or 2**16), dtype=np.int64), dataset)
+        return float(table.min()), float(table.max()), True
+    if dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            ends = apply_windowing(np.array([-np.inf, np.inf]), dataset)
+        return float(ends[0]), float(ends[1]), False
+    return None
+
+
+def load_dicom(path: str | os.PathLike, use_voi_lut: bool = True) -> np.ndarray:
     """Read a single-frame DICOM file into uint8 `(H, W)` (monochrome) or `(H, W, 3)` (colour).
 
-    Applies the modality LUT (Rescale Slope/Intercept), then the first Window Center/Width of the file if any
-    (else min-max), and inverts MONOCHROME1 images. Needs `pydicom` (and a pixel-data handler for compressed
-    transfer syntaxes).
+    The one DICOM reader of the project (the processor and the dataset builders use it), built on pydicom's own
+    functions: stored values -> `apply_modality_lut` (Modality LUT or Rescale Slope / Intercept) -> `apply_voi_lut`
+    (the first VOI LUT of the VOI LUT Sequence, else the first Window Center / Width with its VOI LUT Function:
+    LINEAR, LINEAR_EXACT or SIGMOID), whose output range (the LUT's lowest to highest value; the window's output
+    range) maps to 0..255; without a VOI transform (or with `use_voi_lut=False`) the image's own minimum to maximum
+    maps to 0..255. Inverted (high values dark) when Photometric Interpretation is MONOCHROME1 or Presentation LUT
+    Shape is INVERSE (a MONOCHROME1 file whose shape is INVERSE, as DX files must be, is inverted once). Colour
+    images are returned as pydicom decodes them (RGB), min-max stretched when not 8-bit.
+
+    Before the pixel data is decoded: Rows x Columns x NumberOfFrames is checked against
+    `PIL.Image.MAX_IMAGE_PIXELS` as PIL does (`DecompressionBombError` above twice the limit), multi-frame files
+    are refused, and a compressed transfer syntax without an installed decoder names the pip package to install.
+    The conversion runs in float32, a few hundred rows at a time. Every error names the file.
     """
     path = os.fspath(path)
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as err:  # pragma: no cover - pydicom is a declared dependency
         raise ImportError(f"reading DICOM file '{path}' needs pydicom: pip install pydicom") from err
     try:
         dataset = pydicom.dcmread(path)
+    except Exception as err:
+        raise OSError(f"cannot read DICOM file '{path}': {err}") from err
+    frames = _check_dicom_pixel_count(dataset, path)
+    if frames > 1:
+        raise ValueError(f"DICOM file '{path}' has {frames} frames; only single-frame images are supported")
+    _check_dicom_decoder(dataset, path)
+    try:
         pixels = dataset.pixel_array
     except Exception as err:
         raise OSError(f"cannot read DICOM file '{path}': {err}") from err
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        raise ValueError(
-            f"DICOM file '{path}' has {dataset.NumberOfFrames} frames; only single-frame images are supported"
-        )
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:
         return pixels if pixels.dtype == np.uint8 else window_to_uint8(pixels)
-    values = apply_modality_lut(pixels, dataset)
-    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
-    if center is not None and width is not None:
-        center = float(center[0]) if isinstance(center, Sequence) else float(center)
-        width = float(width[0]) if isinstance(width, Sequence) else float(width)
-    else:
-        center = width = None
-    return window_to_uint8(values, center, width, invert=photometric == "MONOCHROME1")
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    shape = str(dataset.get("PresentationLUTShape", "IDENTITY") or "IDENTITY").strip().upper()
+    invert = photometric == "MONOCHROME1" or shape == "INVERSE"
+    chunks = [slice(start, start + _DICOM_ROWS_PER_CHUNK) for start in range(0, pixels.shape[0], _DICOM_ROWS_PER_CHUNK)]
+    try:
+        voi_range = _dicom_voi_range(dataset, use_voi_lut)
+        is_lut = voi_range is not None and voi_range[2]
+
+        def transformed(rows: slice) -> np.ndarray:
+            values = apply_modality_lut(pixels[rows], dataset)
+            if voi_range is None:
+                return values
+            if is_lut and values.dtype.kind == "f":  # a LUT is indexed by integers (rescaled values are float64)
+                values = np.rint(values).astype(np.int64)
+            return apply_voi_lut(values, dataset)
+
+        if voi_range is None:
+            bounds = [(float(part.min()), float(part.max())) for part in map(transformed, chunks)]
+            low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        else:
+            low, high = voi_range[:2]
+        out = np.empty(pixels.shape, dtype=np.uint8)
+        for rows in chunks:
+            out[rows] = _scale_to_uint8(transformed(rows), low, high, invert)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError) as err:
+        raise ValueError(f"DICOM file '{path}': {err}") from err
+    return out
+
+
+def _fetch_url(url: str) -> bytes:
+    """The bytes at an `http(s)://` URL (Python's `urllib`), with `URL_TIMEOUT_SECONDS` for the connection, for each
+    read and for the whole download, and at most `URL_MAX_BYTES` bytes; OSError naming the URL otherwise."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    timeout, limit = float(URL_TIMEOUT_SECONDS), int(URL_MAX_BYTES)
+    too_large = (
+        f"cannot fetch image URL '{url}': larger than URL_MAX_BYTES ({limit} bytes); download it first and pass "
+        "the file, or raise modeling_refers.image_processing_refers.URL_MAX_BYTES"
+    )
+    too_slow = (
+        f"cannot fetch image URL '{url}': no complete answer within URL_TIMEOUT_SECONDS ({timeout:g} s); download "
+        "it first and pass the file, or raise modeling_refers.image_processing_refers.URL_TIMEOUT_SECONDS"
+    )
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise OSError(too_large)
+            while chunk := response.read1(min(1 << 20, limit + 1 - size)):  # what has arrived, not 1 MB
+                size += len(chunk)
+                if size > limit:
+                    raise OSError(too_large)
+                if time.monotonic() > deadline:
+                    raise OSError(too_slow)
+                chunks.append(chunk)
+    except TimeoutError as err:
+        raise OSError(too_slow) from err
+    except urllib.error.URLError as err:
+        if isinstance(getattr(err, "reason", None), TimeoutError):
+            raise OSError(too_slow) from err
+        raise OSError(f"cannot fetch image URL '{url}': {err}") from err
+    except http.client.HTTPException as err:
+        raise OSError(f"cannot fetch image URL '{url}': {type(err).__name__}: {err}") from err
+    return b"".join(chunks)
 
 
 def _is_dicom_file(path: str) -> bool:
@@ -228,7 +431,8 @@ def load_radiograph(
     """Load one radiograph as uint8: `(H, W)` for grayscale, `(H, W, 3)` for colour.
 
     With `keep_alpha=True` an alpha channel is kept (`(H, W, 2)` grey + alpha, `(H, W, 4)` RGBA); by default it
-    is dropped (radiographs are opaque). Accepts a file path (`str` / `os.PathLike`: PNG, JPEG, ... incl. 16-bit PNG, or DICOM), an `http(s)://` URL, a
+    is dropped (radiographs are opaque). Accepts a file path (`str` / `os.PathLike`: PNG, JPEG, ... incl. 16-bit PNG, or DICOM), an `http(s)://` URL
+    (PNG, JPEG, ...; not DICOM; fetched within `URL_TIMEOUT_SECONDS`, at most `URL_MAX_BYTES`), a
     `PIL.Image.Image` (any mode), a numpy array or torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)`; uint8 kept
     as is, any other dtype min-max windowed with `window_to_uint8`). Use `window_to_uint8` yourself first when a
     DICOM window must be applied to an array.
@@ -248,7 +452,15 @@ def _load_radiograph(
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
-            return _pil_to_uint8(load_image(path), keep_alpha), None
+            data = _fetch_url(path)
+            try:
+                with Image.open(io.BytesIO(data)) as opened:
+                    opened.load()
+                    return _pil_to_uint8(opened, keep_alpha), None
+            except Image.DecompressionBombError as err:
+                raise Image.DecompressionBombError(f"cannot read image URL '{path}': {err}") from err
+            except (OSError, SyntaxError, ValueError) as err:
+                raise OSError(f"cannot read image URL '{path}': {err}") from err
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: '{path}'")
         if _is_dicom_file(path):
@@ -258,6 +470,8 @@ def _load_radiograph(
                 original = _draft_jpeg(opened, draft_size)
                 opened.load()
                 return _pil_to_uint8(opened, keep_alpha), original
+        except Image.DecompressionBombError as err:  # not an OSError: named here like any other bad file
+            raise Image.DecompressionBombError(f"cannot read image file '{path}': {err}") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise OSError(f"cannot read image file '{path}': {err}") from err
     if isinstance(image, Image.Image):
@@ -320,6 +534,24 @@ def make_batched_studies(images: Any) -> tuple[list[list[Any]], bool]:
             "images mixes studies (lists) and single images; pass either a list of images or a list of studies"
         )
     return [[image] for image in images], False
+
+
+def _warn_if_constant(image: np.ndarray, where: str, source: Any) -> None:
+    """Warn when a loaded uint8 `(C, H, W)` image has one value per channel (a 1 x 1 image, a blank file, a DICOM
+    window that cuts every pixel): it becomes a constant tensor. Names `where` and the file when there is one."""
+    flat = image.reshape(image.shape[0], -1)
+    if not np.array_equal(flat.min(axis=1), flat.max(axis=1)):
+        return
+    height, width = image.shape[1:]
+    name = f" ('{os.fspath(source)}')" if isinstance(source, (str, os.PathLike)) else ""
+    what = "is 1 x 1 pixel" if height * width == 1 else f"has all its {height} x {width} pixels equal"
+    values = flat[:, 0].tolist()
+    warnings.warn(
+        f"{where}{name} {what} (value {values[0] if len(values) == 1 else values} after loading as 8 bits): it "
+        "becomes a constant tensor, with nothing for the model to see",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def describe_study(index: int, study_ids: Sequence[Any] | None) -> str:
@@ -757,8 +989,9 @@ class RefersImageProcessor(PilBackend):
                     raise FileNotFoundError(f"{where}: {err}") from err
                 except OSError as err:
                     raise OSError(f"{where}: {err}") from err
-                except (ValueError, TypeError) as err:
+                except (ValueError, TypeError, Image.DecompressionBombError) as err:
                     raise type(err)(f"{where}: {err}") from err
+                _warn_if_constant(array, where, view)
                 views.append(self._transform_view(array, flip_study, train, rng, **kwargs))
             processed.append(views)
 
