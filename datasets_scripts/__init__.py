@@ -37,6 +37,7 @@ from .kermany_pneumonia import (
     kermany_records,
     load_kermany_pneumonia,
 )
+from .kermany_paired_reports import load_kermany_paired_reports
 from .label_ratio import sample_label_ratio, select_by_ids
 from .labelled_images import label_info, load_labelled_images
 from .mimic_cxr import load_mimic_cxr
@@ -109,6 +110,7 @@ SOURCE_DATASETS: dict[str, Callable[..., DatasetDict]] = {
     "iu_xray": load_iu_xray,
     "study_folder": load_study_folder,
     "covid19_studies": load_covid19_studies,
+    "kermany_paired_reports": load_kermany_paired_reports,
 }
 
 
@@ -137,5 +139,5 @@ __all__ = [
     "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",
     "NIH_SPLIT_FILE_LABEL_ORDER", "VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "SHENZHEN_LABEL_NAMES",
     "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES", "load_labelled_images", "label_info",
-    "load_kermany_pneumonia", "kermany_records", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
+    "load_kermany_pneumonia", "kermany_records", "load_kermany_paired_reports", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
 ]

@@ -64,7 +64,8 @@ def iter_report_xmls(reports_path_or_dir: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def parse_report_xml(content: bytes, where: str) -> dict:
-    """`{"study_id", "findings", "impression", "image_ids"}` of one Open-i report XML."""
+    """`{"study_id", "findings", "impression", "image_ids", "mesh_major"}` of one Open-i report XML (`mesh_major`:
+    the `<MeSH><major>` terms, e.g. "normal", "Opacity/lung/base/left/mild")."""
     try:
         root = ET.fromstring(content)
     except ET.ParseError as err:
@@ -80,8 +81,9 @@ def parse_report_xml(content: bytes, where: str) -> dict:
         if label in sections and text:
             sections[label].append(text)
     image_ids = [p.get("id") for p in root.findall("parentImage") if p.get("id")]
+    mesh_major = [" ".join("".join(m.itertext()).split()) for m in root.iter("major")]
     return {"study_id": study_id, "findings": " ".join(sections["FINDINGS"]),
-            "impression": " ".join(sections["IMPRESSION"]), "image_ids": image_ids}
+            "impression": " ".join(sections["IMPRESSION"]), "image_ids": image_ids, "mesh_major": mesh_major}
 
 
 def _view_lookup(path: Path | None) -> dict[str, str]:

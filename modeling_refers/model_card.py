@@ -43,6 +43,8 @@ DATASET_DISPLAY_NAMES = {
     "iu_xray": "IU X-ray (Open-i)",
     "covid19_studies": "COVID-19 Image Data Collection studies (clinical notes as reports)",
     "study_folder": "a folder of studies with reports",
+    "kermany_paired_reports": ("Kermany pediatric radiographs paired by finding with Open-i reports of other patients "
+                               "(a controlled check, not paired clinical data)"),
 }
 
 REFERS_CITATION = """\
