@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from datasets_scripts import load_source_dataset
 from modeling_refers import (
@@ -322,15 +322,12 @@ def test_loading_a_half_written_folder_names_the_truncated_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class PoisonBeforeStep:
-    """Trainer callback: before optimizer step `step` (1-based) fills one parameter with NaN, as a diverged update
-    would, so that the loss part reading it goes non-finite."""
+class PoisonBeforeStep(TrainerCallback):
+    """Before optimizer step `step` (1-based) fills one parameter with NaN, as a diverged update would, so that the
+    loss part reading it goes non-finite."""
 
     def __init__(self, parameter: str, step: int):
         self.parameter, self.step = parameter, step
-
-    def __getattr__(self, event):  # the Trainer calls every on_* event; only on_step_begin acts
-        return lambda *args, **kwargs: None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step - 1:
