@@ -393,3 +393,39 @@ def test_non_finite_evaluation_loss_stops_naming_the_images(shared_data_dir, tmp
         trainer.evaluate()
     assert str(raised.value).startswith(
         f"The evaluation loss after step 0 is not finite: loss = nan, on the batch of image_ids {list(data['image_id'])}.")
+
+
+@pytest.mark.parametrize("batch_size,workers", [(7, 2), (50, 0)])
+def test_predict_keeps_the_dataset_order_with_workers_and_a_ragged_last_batch(tmp_path, batch_size, workers):
+    """`RefersTrainer.predict` through `ImageLabelCollator` returns one row per image in the dataset's order (labels
+    and scores), with dataloader workers and an eval batch size that does not divide the set (predictions.csv pairs
+    these rows with the dataset's image ids): each score equals the model run on that image alone."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+
+    from modeling_refers import RefersForImageClassification
+    from modeling_refers.training_refers import ImageLabelCollator
+
+    rng = np.random.default_rng(0)
+    n = 23
+    images = [Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)) for _ in range(n)]
+    labels = rng.integers(0, 2, (n, 3)).astype(np.float32).tolist()
+    data = Dataset.from_dict({"image_id": [f"img{i:02d}" for i in range(n)], "image": images, "labels": labels})
+    torch.manual_seed(0)
+    model = RefersForImageClassification(RefersConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        aggregation="none", num_labels=3, problem_type="multi_label_classification")).eval()
+    processor = RefersImageProcessor(**processor_sizes(32))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False,
+                             per_device_eval_batch_size=batch_size, dataloader_num_workers=workers,
+                             dataloader_pin_memory=False)
+    trainer = RefersTrainer(model=model, args=args, data_collator=ImageLabelCollator(processor, train=True),
+                            eval_data_collator=ImageLabelCollator(processor, train=False))
+    out = trainer.predict(data)
+    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    np.testing.assert_array_equal(out.label_ids, np.asarray(labels))
+    with torch.no_grad():
+        alone = np.concatenate([model(**processor([image], return_tensors="pt")).logits.numpy() for image in images])
+    assert logits.shape == (n, 3)
+    np.testing.assert_allclose(logits, alone, atol=1e-5)
