@@ -5,6 +5,7 @@ Read top to bottom: embeddings -> transformer block -> recurrent concatenation -
 block REFERS uses), so ViT/timm weights map one to one.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -202,8 +203,9 @@ class RefersViewFusion(nn.Module):
 
         if self.mode == "softmax":
             scores = self.score_out(self.score_act(self.score_dense(view_features.flatten(1))))
-            scores = scores.masked_fill(~view_mask.bool(), torch.finfo(scores.dtype).min)
-            view_weights = scores.softmax(dim=-1) * mask
+            # The softmax in float32 whatever autocast made of the scores (bf16 keeps ~3 digits of a weight).
+            scores = _at_least_float32(scores).masked_fill(~view_mask.bool(), torch.finfo(torch.float32).min)
+            view_weights = scores.softmax(dim=-1).to(view_features.dtype) * mask
             study_embeds = (view_weights[:, :, None] * view_features).flatten(1)
             study_hidden_states = view_weights[:, :, None, None] * view_tokens
         else:
@@ -604,7 +606,10 @@ class RefersForImageClassification(RefersPreTrainedModel):
                 "Study input (batch, V, C, H, W) needs view fusion, but this classifier was built with "
                 "use_view_fusion=False (for single images); load it with use_view_fusion=True to classify studies."
             )
-        logits = self.classifier(features)
+        # The head in the weights' precision even under autocast: bf16 logits (8-bit mantissa) tie scores that the
+        # AUC ranks. One small matmul; the features are upcast, the backbone stays in mixed precision.
+        with _autocast_off(features.device.type):
+            logits = self.classifier(features.to(getattr(self.classifier, "weight", features).dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
@@ -716,7 +721,31 @@ def study_report_contrastive_loss(
     gradient averaging, W processes x batch b give the loss and gradients of one process with batch W x b. Returns
     `(loss, loss_study_to_report, loss_report_to_study, logits_per_study)`; `logits_per_study` is `(n, b)`, or
     `(n, global b)` with global negatives.
+
+    Under mixed precision (`torch.autocast`, the Trainer's `--bf16`/`--fp16`) the whole loss runs in float32 with
+    autocast off: the embeddings are upcast (gradients flow back to them in their own dtype), so the normalisation,
+    the cosine logits / temperature and the cross entropies keep float32 digits; all four outputs are float32.
     """
+    with _autocast_off(study_embeds.device.type):
+        return _contrastive_loss_full_precision(
+            _at_least_float32(study_embeds), _at_least_float32(report_embeds), temperature, study_to_report_weight,
+            report_index, global_negatives,
+        )
+
+
+def _autocast_off(device_type: str):
+    """A context in which autocast does not lower precision on `device_type` (nothing to do where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _contrastive_loss_full_precision(study_embeds, report_embeds, temperature, study_to_report_weight, report_index,
+                                     global_negatives):
     study = nn.functional.normalize(study_embeds, dim=-1)
     report = nn.functional.normalize(report_embeds, dim=-1)
     if report_index is None:
