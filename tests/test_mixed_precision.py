@@ -201,3 +201,19 @@ def test_a_short_bf16_pretraining_run_tracks_the_float32_run(tmp_path, shared_da
         assert b["loss_report"] == pytest.approx(a["loss_report"], rel=3e-3), (a, b)
         assert b["loss_contrast"] == pytest.approx(a["loss_contrast"], rel=3e-3), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=0.1), (a, b)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slower(tmp_path, monkeypatch, caplog, native):
+    """On an AVX2-only CPU (no avx512_bf16 / AMX) bf16 matmuls are emulated: a tiny-width paper step took 84 s
+    under autocast against 10 s in float32. The Trainer says so at start; a CPU with bf16 instructions hears nothing."""
+    from transformers import TrainingArguments
+
+    from modeling_refers import training_refers
+
+    monkeypatch.setattr(training_refers, "cpu_has_native_bf16", lambda: native)
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
+    with caplog.at_level("WARNING", logger=training_refers.__name__):
+        training_refers.RefersTrainer(model=RefersForImageClassification(tiny_config(num_labels=2)), args=args)
+    warned = [r for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
