@@ -76,7 +76,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (GPU, or a CPU with avx512_bf16 / AMX; emulated, slower, on AVX2 CPUs)")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--gemm_size", type=int, default=2048)
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="GPU bf16 dense peak")
