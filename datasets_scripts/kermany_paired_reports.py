@@ -14,7 +14,8 @@ generation must pick up.
 - Split: Kermany training patients are split train/validation by a seeded patient-level split (`val_fraction`);
   the report pools are split the same way by report, so validation studies carry reports never seen in training
   (held-out retrieval). Within a split each report of a finding is used in turn over a seeded shuffle (a pool
-  smaller than its images is reused evenly).
+  smaller than its images is reused evenly). Rows come in a seeded random order, so the first N rows of a split (e.g.
+  `--max_train_samples`) are a random sample of both findings.
 
 Rows: the source-domain columns (`study_id`, `patient_id`, `images`, `view_positions`, `report`) plus `finding`
 (`normal` / `pneumonia`) and `report_id` (the Open-i report's uId).
@@ -111,6 +112,8 @@ def load_kermany_paired_reports(
                              "images": [record["path"]], "view_positions": ["AP"], "report": report["report"],
                              "finding": finding, "report_id": report["report_id"]})
                 splits.append(split)
+    order = np.random.default_rng(seed + 3).permutation(len(rows))  # findings interleaved: any prefix is a sample
+    rows, splits = [rows[i] for i in order], [splits[i] for i in order]
     features = study_features()
     features["finding"] = Value("string")
     features["report_id"] = Value("string")

@@ -41,6 +41,7 @@ def _decoder_alias(name: str, fields: tuple[str, ...]) -> property:
 
     return property(get, set, doc=f"Alias of `decoder_config.{fields[0]}`.")
 VIEW_FUSION_MODES = ("softmax", "sigmoid_gate")
+TEXT_POOLING_MODES = ("pooler", "mean", "cls")
 
 
 @strict(accept_kwargs=True)
@@ -86,6 +87,13 @@ class RefersConfig(PreTrainedConfig):
 
         text_config (`dict` or `PreTrainedConfig`, defaults to BERT-base): the report encoder of the study-report
             consistency task (any BERT-like `model_type`; a local folder's config when loaded from one).
+        text_pooling (`str`, defaults to `"pooler"`): how the report encoder's tokens become one report vector before
+            `text_projection`: `"pooler"` (BERT's pooler, tanh(dense(CLS)); the official code, Bio_ClinicalBERT),
+            `"mean"` (the mean of the real tokens' last hidden states; what sentence-embedding models such as the
+            default MiniLM were trained with: its pooler weights were never trained for that, and reports through
+            them are nearly one vector) or `"cls"` (the [CLS] token's last hidden state).
+            [`RefersForPreTraining.from_text_encoder_pretrained`] reads a sentence-transformers folder's
+            `1_Pooling/config.json` and takes its pooling.
         projection_dim (`int`, defaults to the study width, `num_views * hidden_size`): width of the shared study/report embedding.
         contrastive_temperature (`float`, defaults to 0.1): InfoNCE temperature tau.
         contrastive_study_to_report_weight (`float`, defaults to 0.75): lambda; the report-to-study direction gets
@@ -147,6 +155,7 @@ class RefersConfig(PreTrainedConfig):
     view_fusion: str = "softmax"
     view_fusion_hidden_size: int = 768
     text_config: dict | PreTrainedConfig | None = None
+    text_pooling: str = "pooler"
     projection_dim: int | None = None
     contrastive_temperature: float = 0.1
     contrastive_study_to_report_weight: float = 0.75
@@ -241,6 +250,10 @@ class RefersConfig(PreTrainedConfig):
         if self.aggregation not in AGGREGATION_MODES:
             raise ValueError(
                 f"RefersConfig.aggregation must be one of {AGGREGATION_MODES}, got {self.aggregation!r}."
+            )
+        if self.text_pooling not in TEXT_POOLING_MODES:
+            raise ValueError(
+                f"RefersConfig.text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}."
             )
         if self.view_fusion not in VIEW_FUSION_MODES:
             raise ValueError(

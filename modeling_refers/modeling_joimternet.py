@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_refers import RefersConfig
-from .modeling_refers import RefersForPreTraining
+from .modeling_refers import RefersForPreTraining, pool_report_tokens
 
 # The method's configuration on top of REFERS's: no report generation; the study feature and the words / sentence
 # are projected to a shared 256-d space (`use_study_projection=True`, `projection_dim=256`).
@@ -126,7 +126,7 @@ class JoImTeRNetForPreTraining(RefersForPreTraining):
         word_mask = attention_mask[:, 1:].bool() if attention_mask is not None else torch.ones_like(
             input_ids[:, 1:], dtype=torch.bool)
         study_embeds = self._study_embeds(vision.study_embeds)
-        report_embeds = self.text_projection(text.pooler_output)
+        report_embeds = self.text_projection(pool_report_tokens(text, attention_mask, self.config.text_pooling))
         gamma1, gamma2, gamma3 = DAMSM_GAMMAS
         global_scores = nn.functional.normalize(study_embeds, dim=-1) @ nn.functional.normalize(report_embeds,
                                                                                                dim=-1).T

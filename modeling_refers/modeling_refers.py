@@ -767,6 +767,40 @@ def _contrastive_loss_full_precision(study_embeds, report_embeds, temperature, s
     return loss, loss_study_to_report, loss_report_to_study, logits_per_study
 
 
+def pool_report_tokens(text_outputs, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """One vector per report `(batch, text hidden)` from the text encoder's outputs: `"pooler"` (BERT's pooler
+    output), `"mean"` (the mean of the last hidden states over the tokens `attention_mask` marks real) or `"cls"`."""
+    if mode == "pooler":
+        if text_outputs.pooler_output is None:
+            raise ValueError("text_pooling='pooler' needs a text encoder with a pooler (add_pooling_layer=True); "
+                             "use text_pooling='mean' or 'cls'.")
+        return text_outputs.pooler_output
+    tokens = text_outputs.last_hidden_state
+    if mode == "cls":
+        return tokens[:, 0]
+    if mode != "mean":
+        raise ValueError(f"text_pooling must be 'pooler', 'mean' or 'cls', got {mode!r}.")
+    if attention_mask is None:
+        return tokens.mean(dim=1)
+    weights = attention_mask.to(tokens.dtype)[:, :, None]
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def sentence_transformers_pooling(path: str | os.PathLike) -> str | None:
+    """The pooling a sentence-transformers folder declares in `1_Pooling/config.json` ("mean" or "cls"), or None
+    (not such a folder, or a pooling REFERS does not offer)."""
+    config_file = os.path.join(os.fspath(path), "1_Pooling", "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        pooling = json.load(handle)
+    if pooling.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if pooling.get("pooling_mode_cls_token"):
+        return "cls"
+    return None
+
+
 class RefersReportDecoder(nn.Module):
     """The report transformer: projects the study tokens `(n, S, d)` to the decoder width and runs a post-norm
     transformer decoder (transformers' `BertLMHeadModel`: causal self-attention, cross-attention to the study,
@@ -864,6 +898,9 @@ class RefersForPreTraining(RefersPreTrainedModel):
         text_encoder = AutoModel.from_pretrained(path)
         config = config if config is not None else RefersConfig(**config_kwargs)
         config.text_config = text_encoder.config
+        pooling = sentence_transformers_pooling(path)
+        if pooling is not None and "text_pooling" not in config_kwargs:
+            config.text_pooling = pooling  # the pooling the sentence-embedding model was trained with
         config.decoder_vocab_size = decoder_vocab_size or text_encoder.config.vocab_size
         model = cls(config)
         model.text_encoder.load_state_dict(text_encoder.state_dict())
@@ -911,11 +948,12 @@ class RefersForPreTraining(RefersPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
         """Report embeddings, as CLIP's `get_text_features`: the text encoder's output with `pooler_output`
-        `(batch, projection_dim)` = `text_projection(pooler)`."""
+        `(batch, projection_dim)` = `text_projection` of the report vector that `config.text_pooling` names (BERT's
+        pooler, the mean of the real tokens, or the [CLS] token)."""
         if self.text_encoder is None:
             raise ValueError("This model has no text encoder (use_study_report_consistency=False).")
         outputs = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        outputs.pooler_output = self.text_projection(pool_report_tokens(outputs, attention_mask, self.config.text_pooling))
         return outputs
 
     @can_return_tuple

@@ -93,3 +93,10 @@ def test_registered_as_a_source_data_set_and_clear_errors(kermany_dir, tmp_path)
         load_kermany_paired_reports(kermany_dir, reports_path=tmp_path / "missing.tgz")
     with pytest.raises(ValueError, match="val_fraction"):
         load_kermany_paired_reports(kermany_dir, val_fraction=1.5)
+
+
+def test_rows_come_in_random_order_so_a_prefix_samples_both_findings(paired):
+    findings = paired["train"]["finding"]
+    share = np.mean([f == "pneumonia" for f in findings])
+    prefix = np.mean([f == "pneumonia" for f in findings[:200]])
+    assert abs(prefix - share) < 0.1, (prefix, share)
