@@ -135,6 +135,12 @@ class FinetuningArguments(TrainingArguments):
 
     learning_rate: float = field(default=3e-3)
     sgd_momentum: float = field(default=0.9)
+    optimizer: str = field(default="sgd", metadata={
+        "help": "'sgd' (the paper's: momentum --sgd_momentum) or 'adamw' (AdamW (0.9, 0.999); what a randomly "
+                "initialised ViT needs to learn in hundreds of steps)."})
+    augment: bool = field(default=True, metadata={
+        "help": "The pretraining augmentations in training (the paper's); --augment false trains on the evaluation "
+                "transform (at a few hundred steps a small ViT learns several times faster without them)."})
     weight_decay: float = field(default=0.0)
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=10_000 / 300_000, metadata={"help": "Ratio (<1) or steps."})
@@ -169,12 +175,14 @@ class FinetuningArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"--optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
 # TrainingArguments fields that decide what a fine-tuning run computes (and so whether a checkpoint can be resumed).
 SIGNATURE_TRAINING_FIELDS = (
-    "learning_rate", "sgd_momentum", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "learning_rate", "sgd_momentum", "optimizer", "augment", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
     "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "seed", "data_seed", "bf16", "fp16", "eval_strategy", "eval_steps", "metric_for_best_model", "greater_is_better",
 )
@@ -495,11 +503,13 @@ def main(argv=None) -> dict:
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=ImageLabelCollator(image_processor, train=True),
+        data_collator=ImageLabelCollator(image_processor, train=training_args.augment),
         eval_data_collator=ImageLabelCollator(image_processor, train=False),
         processing_class=image_processor,
         compute_metrics=make_compute_metrics(spec),
         sgd_momentum=training_args.sgd_momentum,
+        optimizer_name=training_args.optimizer,
+        adam_betas=(0.9, 0.999),
     )
 
     if training_args.do_train:

@@ -533,3 +533,38 @@ def test_prepared_data_is_what_the_run_reads(tmp_path, nih_dir):
     assert signature["data_dir"] == str(Path(nih_dir).absolute())
     ids = json.loads((out / "label_ids.json").read_text())["ids"]
     assert sorted(ids) == sorted(original["train"]["image_id"])
+
+
+def test_optimizer_and_augment_flags_reach_the_trainer(tmp_path, nih_dir, monkeypatch):
+    """--optimizer adamw trains with AdamW (weight decay groups kept), --augment false collates training batches with
+    the evaluation transform; the defaults stay the paper's (SGD, augmentations)."""
+    from modeling_refers import training_refers
+
+    seen = {"train_flags": [], "optimizers": []}
+
+    class SpyCollator(training_refers.ImageLabelCollator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["train_flags"].append(self.train)
+
+    original = training_refers.RefersTrainer.create_optimizer
+
+    def spy_create_optimizer(self, model=None):
+        optimizer = original(self, model)
+        seen["optimizers"].append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(run_finetune, "ImageLabelCollator", SpyCollator)
+    monkeypatch.setattr(training_refers.RefersTrainer, "create_optimizer", spy_create_optimizer)
+    for flags, optimizer_class, train_flag in ((["--optimizer", "adamw", "--augment", "false"], torch.optim.AdamW, False),
+                                               ([], torch.optim.SGD, True)):
+        seen["train_flags"].clear(), seen["optimizers"].clear()
+        run_finetune.main(["--output_dir", str(tmp_path / f"run-{train_flag}"), "--data_dir", nih_dir,
+                           "--config_overrides", TINY, "--do_train", "--weight_decay", "0.01", *flags, *FAST])
+        assert seen["train_flags"] == [train_flag, False]  # training collator, then the evaluation one
+        optimizer = seen["optimizers"][0]
+        assert type(optimizer) is optimizer_class
+        assert {group["weight_decay"] for group in optimizer.param_groups} == {0.01, 0.0}
+    with pytest.raises(ValueError, match="--optimizer"):
+        run_finetune.main(["--output_dir", str(tmp_path / "bad"), "--data_dir", nih_dir, "--optimizer", "lamb",
+                           *FAST])
