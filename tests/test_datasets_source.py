@@ -202,7 +202,7 @@ def test_iu_xray_from_archive_with_partial_image_folder(iu, shared_data_dir, cap
     ds = load_iu_xray(shared_data_dir / "iu_xray" / "NLMCXR_reports.tgz", iu["image_dir"], skip_invalid=True)
     assert sorted(r for s in ds for r in ds[s]["study_id"]) == ["CXR1", "CXR10", "CXR1000", "CXR1002", "CXR1084"]
     n_created = len(list(iu["image_dir"].iterdir()))
-    n_images = _image_references(shared_data_dir / "iu_xray" / "NLMCXR_reports.tgz")  # 7,470 (README); sample: 1,141
+    n_images = _image_references(shared_data_dir / "iu_xray" / "NLMCXR_reports.tgz")  # 7,470 (README); sample: 1,515
     assert f"skipped {n_images - n_created} invalid entries ({n_images - n_created} missing image)" in caplog.text
 
 
