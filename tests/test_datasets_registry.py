@@ -42,7 +42,7 @@ def test_target_specs():
         assert callable(spec.loader)
         with pytest.raises(dataclasses.FrozenInstanceError):
             spec.name = "x"
-    assert sorted(SOURCE_DATASETS) == ["covid19_studies", "iu_xray", "mimic_cxr", "study_folder"]
+    assert sorted(SOURCE_DATASETS) == ["covid19_studies", "iu_xray", "kermany_paired_reports", "mimic_cxr", "study_folder"]
 
 
 # official test folder + seeded validation; your own data: its split column or a seeded split
