@@ -65,7 +65,7 @@ def test_unknown_names():
     with pytest.raises(ValueError, match=r"task is fixed by the data set name 'covid19'"):
         load_target_dataset("covid19", ".", task="viral_bacterial")
     with pytest.raises(ValueError, match=r"unknown source data set 'padchest'; valid names: covid19_studies, iu_xray, "
-                                         r"mimic_cxr, study_folder"):
+                                         r"kermany_paired_reports, mimic_cxr, study_folder"):
         load_source_dataset("padchest", ".")
 
 
