@@ -35,6 +35,8 @@ given there is merged field by field into the default one), `--finetune_args "--
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -616,23 +618,23 @@ def parse_args(argv=None):
     return args
 
 
-def cache_target_data() -> None:
-    """Build each target DatasetDict once per process: every fine-tuning cell would otherwise re-read and re-verify
-    all 5,840 Kermany images (in-memory datasets are immutable, so the cells can share them)."""
-    import functools
-
+@contextlib.contextmanager
+def target_data_built_once():
+    """Within the block, build each target DatasetDict once: every fine-tuning cell would otherwise re-read and
+    re-verify all 5,840 Kermany images (in-memory datasets are immutable, so the cells can share them). The
+    package's loader is restored on exit, so nothing outlives this benchmark (e.g. in a test process)."""
     from modeling_refers import finetune_refers
 
     loader = finetune_refers.load_target_dataset
-    if not isinstance(loader, functools._lru_cache_wrapper):
-        cached = functools.lru_cache(maxsize=4)(
-            lambda name, data_dir, split_dir=None, **kw: loader(name, data_dir, split_dir=split_dir, **kw))
-        finetune_refers.load_target_dataset = cached
+    finetune_refers.load_target_dataset = functools.lru_cache(maxsize=4)(
+        lambda name, data_dir, split_dir=None, **kw: loader(name, data_dir, split_dir=split_dir, **kw))
+    try:
+        yield
+    finally:
+        finetune_refers.load_target_dataset = loader
 
 
 def main(argv=None) -> dict:
-    import torch
-
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -641,6 +643,12 @@ def main(argv=None) -> dict:
     pretrain_extra = parse_keyed(args.pretrain_args, set(METHOD_ARGS))
     finetune_extra = parse_keyed(args.finetune_args, {"vit", "cnn"})
     families = [f for f in ("vit", "cnn") if any(FAMILY[m] == f for m in args.methods)]
+    with target_data_built_once():
+        return _run(args, argv, out, pretrain_extra, finetune_extra, families, began)
+
+
+def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> dict:
+    import torch
     from tqdm.auto import tqdm
 
     stages = ([f"pretrain {m}" for m in args.methods] + [f"{s} {f}" for f in families for s in ("finetune", "probe")
@@ -653,7 +661,6 @@ def main(argv=None) -> dict:
         progress.set_postfix_str(name)
         progress.update(1)
 
-    cache_target_data()
     folders, wall_times = {}, []
     for method in args.methods:
         folders[method], seconds = pretrain(method, out, args, pretrain_extra)
