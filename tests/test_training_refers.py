@@ -54,10 +54,11 @@ def trainer_for(model, tmp_path, recipe: str) -> RefersTrainer:
     settings = PRETRAINING_RECIPES[recipe]
     decoder_lr = 3e-3 if settings["decoder_learning_rate"] == "backbone" else 3e-4
     return RefersTrainer(model=model, args=args, text_learning_rate=3e-4, decoder_learning_rate=decoder_lr,
-                         lookahead_steps=settings["lookahead_steps"], lookahead_alpha=settings["lookahead_alpha"])
+                         lookahead_steps=settings["lookahead_steps"], lookahead_alpha=settings["lookahead_alpha"],
+                         optimizer_name=settings["optimizer_name"], adam_betas=settings.get("adam_betas", (0.9, 0.95)))
 
 
-@pytest.mark.parametrize("recipe", ["paper", "official"])
+@pytest.mark.parametrize("recipe", ["paper", "official", "adamw"])
 def test_recipe_parameter_groups(tmp_path, recipe):
     model = tiny_model()
     optimizer = trainer_for(model, tmp_path, recipe).create_optimizer()
@@ -68,7 +69,7 @@ def test_recipe_parameter_groups(tmp_path, recipe):
         if name.startswith(("text_encoder.", "text_projection.")):
             expected = 3e-4  # BERT and its projection: 3e-4 in both (the official code's `contrastive_bert`)
         elif name.startswith("report_decoder."):
-            expected = 3e-4 if recipe == "paper" else 3e-3  # the paper's text vs the released code
+            expected = 3e-3 if recipe == "official" else 3e-4  # the paper's text (and adamw) vs the released code
         else:
             expected = 3e-3
         assert lr == expected, (recipe, name)
@@ -78,6 +79,9 @@ def test_recipe_parameter_groups(tmp_path, recipe):
         assert isinstance(optimizer, Lookahead)
         assert {(g["lookahead_k"], g["lookahead_alpha"]) for g in optimizer.param_groups} == {(5, 0.5)}
         assert isinstance(optimizer._base_optimizer, torch.optim.SGD)
+    elif recipe == "adamw":  # the paper's two learning rates, AdamW instead of SGD (short runs from random weights)
+        assert type(optimizer) is torch.optim.AdamW
+        assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.999)}
     else:
         assert type(optimizer) is torch.optim.SGD
 
