@@ -37,6 +37,7 @@ from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, se
 
 
 from .training_refers import (
+    PRETRAINING_RECIPES,
     RESIZE_MODES,
     ImageLabelCollator,
     RefersTrainer,
@@ -509,7 +510,7 @@ def main(argv=None) -> dict:
         compute_metrics=make_compute_metrics(spec),
         sgd_momentum=training_args.sgd_momentum,
         optimizer_name=training_args.optimizer,
-        adam_betas=(0.9, 0.999),
+        adam_betas=PRETRAINING_RECIPES["adamw"]["adam_betas"],  # the same AdamW as pretraining's --recipe adamw
     )
 
     if training_args.do_train:
