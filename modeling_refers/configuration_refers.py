@@ -42,6 +42,7 @@ def _decoder_alias(name: str, fields: tuple[str, ...]) -> property:
     return property(get, set, doc=f"Alias of `decoder_config.{fields[0]}`.")
 VIEW_FUSION_MODES = ("softmax", "sigmoid_gate")
 TEXT_POOLING_MODES = ("pooler", "mean", "cls")
+CLASSIFIER_POOLING_MODES = ("cls", "mean")
 
 
 @strict(accept_kwargs=True)
@@ -82,6 +83,16 @@ class RefersConfig(PreTrainedConfig):
             - `"sigmoid_gate"` (official code): per patch position, one sigmoid gate per view from the concatenated
               view tokens.
         view_fusion_hidden_size (`int`, defaults to 768): hidden width of the softmax fusion's scoring MLP.
+        classifier_pooling (`str`, defaults to `"cls"`): how a view becomes one feature (`pooler_output`, what the
+            classifier and the view fusion read): `"cls"`, the aggregation token after the final LayerNorm (REFERS,
+            the paper); `"mean"`, the mean of the patch tokens through a LayerNorm `fc_norm`, the final LayerNorm
+            removed (timm's `global_pool="avg", fc_norm=True`; MRM's fine-tuning, models_vit.py `global_pool=True`).
+            Radiograph transformer only.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth: block i of L drops its attention and MLP
+            residual branches per sample with probability `drop_path_rate * i / (L - 1)` in training (timm's
+            linear rule; MRM fine-tunes with 0.1). 0 builds no drop-path module.
+        classifier_initializer_range (`float`, *optional*): std of the truncated-normal init of a new classifier
+            weight; `initializer_range` when unset (MRM's fine-tuning: 2e-5).
 
         Pretraining ([`RefersForPreTraining`]); ignored by the backbone and classification models:
 
@@ -154,6 +165,9 @@ class RefersConfig(PreTrainedConfig):
     num_views: int = 3
     view_fusion: str = "softmax"
     view_fusion_hidden_size: int = 768
+    classifier_pooling: str = "cls"
+    drop_path_rate: float | int = 0.0
+    classifier_initializer_range: float | None = None
     text_config: dict | PreTrainedConfig | None = None
     text_pooling: str = "pooler"
     projection_dim: int | None = None
@@ -255,6 +269,18 @@ class RefersConfig(PreTrainedConfig):
             raise ValueError(
                 f"RefersConfig.text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}."
             )
+        if self.classifier_pooling not in CLASSIFIER_POOLING_MODES:
+            raise ValueError(f"{type(self).__name__}.classifier_pooling must be one of {CLASSIFIER_POOLING_MODES}, "
+                             f"got {self.classifier_pooling!r}.")
+        if self.classifier_pooling != "cls" and self.backbone != "vit":
+            raise ValueError(f"{type(self).__name__}.classifier_pooling={self.classifier_pooling!r} pools the radiograph "
+                             f"transformer's patch tokens; a CNN backbone ({self.backbone}) already pools its feature "
+                             "map: keep classifier_pooling='cls'.")
+        if not isinstance(self.drop_path_rate, (int, float)) or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"{type(self).__name__}.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
+        if self.classifier_initializer_range is not None and not self.classifier_initializer_range > 0:
+            raise ValueError(f"{type(self).__name__}.classifier_initializer_range must be > 0 or None, got "
+                             f"{self.classifier_initializer_range!r}.")
         if self.view_fusion not in VIEW_FUSION_MODES:
             raise ValueError(
                 f"RefersConfig.view_fusion must be one of {VIEW_FUSION_MODES}, got {self.view_fusion!r}."

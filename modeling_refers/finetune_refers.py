@@ -83,6 +83,16 @@ class ModelArguments:
         default=None, metadata={"help": "A local timm ViT state dict (.pth/.safetensors), e.g. ImageNet ViT-B/16."})
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated RefersConfig changes for timm/random initialisation."})
+    classifier_pooling: str | None = field(default=None, metadata={
+        "choices": ["cls", "mean"],
+        "help": "'cls' (the aggregation token; REFERS) or 'mean' (fc_norm of the mean patch token, the final "
+                "LayerNorm dropped; MRM's fine-tuning). Default: the checkpoint's (cls for a new model)."})
+    drop_path_rate: float | None = field(default=None, metadata={
+        "help": "Stochastic depth of the last block, linear from 0 over the blocks (MRM's fine-tuning: 0.1). "
+                "Default: the checkpoint's (0)."})
+    classifier_initializer_range: float | None = field(default=None, metadata={
+        "help": "Std of the new classifier's truncated-normal init (MRM's fine-tuning: 2e-5). Default: the "
+                "config's initializer_range."})
 
 
 @dataclass
@@ -244,8 +254,22 @@ def check_model_arguments(model_args: ModelArguments) -> str:
     return init
 
 
+def classifier_options(model_args: ModelArguments) -> dict:
+    """The classifier's pooling / stochastic depth / head-init flags that were given (they override any config)."""
+    names = ("classifier_pooling", "drop_path_rate", "classifier_initializer_range")
+    options = {name: getattr(model_args, name) for name in names if getattr(model_args, name, None) is not None}
+    if options.get("classifier_pooling", "cls") not in ("cls", "mean"):
+        raise ValueError(f"--classifier_pooling must be 'cls' or 'mean', got {options['classifier_pooling']!r}")
+    if not 0.0 <= options.get("drop_path_rate", 0.0) < 1.0:
+        raise ValueError(f"--drop_path_rate must be in [0, 1), got {options['drop_path_rate']!r}")
+    if options.get("classifier_initializer_range", 1.0) <= 0:
+        raise ValueError(f"--classifier_initializer_range must be > 0, got {options['classifier_initializer_range']!r}")
+    return options
+
+
 def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImageClassification:
     init = check_model_arguments(model_args)
+    label_kwargs = {**label_kwargs, **classifier_options(model_args)}
     if init == "refers":
         path = model_args.model_name_or_path
         try:
@@ -261,7 +285,9 @@ def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImag
     config = RefersConfig(**label_kwargs)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
-        config.check_architecture()
+    for name, value in classifier_options(model_args).items():  # the flags win over --config_overrides
+        setattr(config, name, value)
+    config.check_architecture()
     model = RefersForImageClassification(config)
     if init == "timm":
         logger.info(str(model.load_timm_vit_weights(model_args.timm_weights)))
@@ -317,6 +343,7 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
         "num_test_images": len(test_set),
         "init": init,
         "config_overrides": model_args.config_overrides if init != "refers" else None,
+        **({"classifier_options": classifier_options(model_args)} if classifier_options(model_args) else {}),
         "world_size": training_args.world_size,
         **starting_point_signature(model_args),
     }

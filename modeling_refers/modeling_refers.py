@@ -65,8 +65,9 @@ class RefersModelOutput(ModelOutput):
     Args:
         last_hidden_state: `(batch, 1 + num_patches, hidden_size)` for images, `(batch, num_views, 1 + num_patches,
             hidden_size)` for studies (zeros for masked views). Token 0 is the aggregation token.
-        pooler_output: the aggregation token after the final LayerNorm: `(batch, hidden_size)` for images,
-            `(batch, num_views, hidden_size)` for studies.
+        pooler_output: the aggregation token after the final LayerNorm (or, with `classifier_pooling="mean"`,
+            `fc_norm` of the mean patch token): `(batch, hidden_size)` for images, `(batch, num_views, hidden_size)`
+            for studies.
         view_mask (`(batch, num_views)`): the view mask used (studies only).
         study_embeds, study_pooled_output, study_hidden_states, study_attention_mask, view_weights: see
             [`RefersViewFusionOutput`] (studies only).
@@ -121,7 +122,37 @@ class RefersEmbeddings(ViTEmbeddings):
 
 
 class RefersLayer(ViTLayer):
-    """One pre-LayerNorm transformer block (self-attention + two-layer MLP), `(n, seq, d)` -> `(n, seq, d)`."""
+    """One pre-LayerNorm transformer block (self-attention + two-layer MLP), `(n, seq, d)` -> `(n, seq, d)`.
+
+    With `drop_path_rate` > 0, stochastic depth (timm's `DropPath`) on both residual branches in training: each
+    sample's branch output is dropped with that probability and the kept ones scaled by `1 / (1 - rate)`."""
+
+    def __init__(self, config: RefersConfig, drop_path_rate: float = 0.0):
+        super().__init__(config)
+        if drop_path_rate > 0:
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path_rate)
+        else:
+            self.drop_path = nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        hidden_states = self.drop_path(self.dropout(hidden_states)) + residual
+        residual = hidden_states
+        hidden_states = self.mlp(self.layernorm_after(hidden_states))
+        return self.drop_path(self.dropout(hidden_states)) + residual
+
+
+def drop_path_rates(config: RefersConfig) -> list[float]:
+    """Per-block stochastic-depth rates, rising linearly from 0 to `config.drop_path_rate` (timm's rule)."""
+    return [rate.item() for rate in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers)]
 
 
 class RefersConvBackbone(nn.Module):
@@ -439,12 +470,17 @@ class RefersModel(RefersPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = self.layers = self.recurrent_concat = self.layernorm = self.conv_backbone = None
+        self.fc_norm = None
         if config.backbone == "vit":
             self.embeddings = RefersEmbeddings(config)
-            self.layers = nn.ModuleList([RefersLayer(config) for _ in range(config.num_hidden_layers)])
+            self.layers = nn.ModuleList([RefersLayer(config, rate) for rate in drop_path_rates(config)])
             if config.aggregation == "recurrent_concat":
                 self.recurrent_concat = RefersRecurrentConcat(config)
-            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.classifier_pooling == "mean":  # timm's fc_norm: the final LayerNorm after the mean instead
+                self.layernorm = nn.Identity()
+                self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            else:
+                self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         else:  # the paper's CNN ablation row, RadTex, ...: a timm CNN encodes each view
             self.conv_backbone = RefersConvBackbone(config)
         # Built only where used (not in the `use_view_fusion=False` ablation), so no parameter sits idle and
@@ -476,6 +512,13 @@ class RefersModel(RefersPreTrainedModel):
             hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, 1:] + hidden_states[:, :1]], dim=1)
         return hidden_states
 
+    def pool(self, sequence: torch.Tensor) -> torch.Tensor:
+        """`(..., 1 + num_patches, d)` -> `(..., d)`: the aggregation token (`classifier_pooling="cls"`) or `fc_norm`
+        of the mean of the patch tokens (`"mean"`)."""
+        if self.fc_norm is None:
+            return sequence[..., 0, :]
+        return self.fc_norm(sequence[..., 1:, :].mean(dim=-2))
+
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
@@ -495,11 +538,12 @@ class RefersModel(RefersPreTrainedModel):
             if view_mask is not None:
                 raise ValueError("`view_mask` is only meaningful for study input of shape (batch, V, C, H, W).")
             sequence = self.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
+            pooled = self.pool(sequence)
             if self.view_fusion is None:
-                return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0])
+                return RefersModelOutput(last_hidden_state=sequence, pooler_output=pooled)
             # A single image is a one-view study: its fused feature is its own, and no parameter sits idle.
-            fusion = self.view_fusion.forward_single_view(sequence[:, 0], sequence[:, 1:])
-            return RefersModelOutput(last_hidden_state=sequence, pooler_output=sequence[:, 0],
+            fusion = self.view_fusion.forward_single_view(pooled, sequence[:, 1:])
+            return RefersModelOutput(last_hidden_state=sequence, pooler_output=pooled,
                                      study_embeds=fusion.study_embeds, study_pooled_output=fusion.study_pooled_output,
                                      view_weights=fusion.view_weights)
         if pixel_values.ndim != 5:
@@ -531,7 +575,7 @@ class RefersModel(RefersPreTrainedModel):
             sequence = self.forward_features(pixels, interpolate_pos_encoding, **kwargs)
         sequence = torch.where(flat_mask[:, None, None], sequence, torch.zeros_like(sequence))
         last_hidden_state = sequence.reshape(batch_size, num_views, *sequence.shape[1:])
-        pooled = last_hidden_state[:, :, 0]
+        pooled = self.pool(last_hidden_state)
         if self.view_fusion is None:
             return RefersModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled,
                                      view_mask=view_mask.long())
@@ -565,14 +609,17 @@ def _refuse_empty_studies(view_mask: torch.Tensor) -> None:
 
 
 class RefersForImageClassification(RefersPreTrainedModel):
-    """REFERS backbone + a linear head on the aggregation token (images) or the fused study feature (studies).
+    """REFERS backbone + a linear head on the pooled view feature (images: the aggregation token, or `fc_norm` of the
+    mean patch token with `classifier_pooling="mean"`) or the fused study feature (studies).
 
     `problem_type` selects the loss through transformers' loss functions: "single_label_classification" (cross
     entropy, integer labels), "multi_label_classification" (BCE with logits, multi-hot float labels), "regression"
     (MSE). Left unset, it is inferred from `num_labels` and the label dtype, as in transformers.
     """
 
-    _head_prefixes = ("classifier.",)
+    # `refers.fc_norm.` is new when a `classifier_pooling="cls"` checkpoint is fine-tuned with "mean" (its final
+    # LayerNorm is then dropped), as in MRM's fine-tuning
+    _head_prefixes = ("classifier.", "refers.fc_norm.")
     _loadable_by = {"AutoModel": "RefersModel", "AutoModelForImageClassification": "RefersForImageClassification"}
 
     def __init__(self, config: RefersConfig):
@@ -581,6 +628,13 @@ class RefersForImageClassification(RefersPreTrainedModel):
         self.refers = RefersModel(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = getattr(self.config, "classifier_initializer_range", None)
+        if std is not None and module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)  # MRM's fine-tuning: 2e-5
 
     @can_return_tuple
     def forward(
@@ -1179,6 +1233,8 @@ def convert_timm_vit_state_dict(
         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
         "norm.weight": "layernorm.weight",
         "norm.bias": "layernorm.bias",
+        "fc_norm.weight": "fc_norm.weight",  # timm global_pool="avg", fc_norm=True (classifier_pooling="mean")
+        "fc_norm.bias": "fc_norm.bias",
     }
     block_renames = {
         "norm1": "layernorm_before",
