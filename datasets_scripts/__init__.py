@@ -28,6 +28,7 @@ from .covid19_collection import (
     load_covid19_collection,
     load_covid19_studies,
 )
+from .chexpert import CHEXPERT_CITATION, CHEXPERT_LABEL_NAMES, CHEXPERT_LICENSE, load_chexpert
 from .iu_xray import load_iu_xray
 from .kermany_pneumonia import (
     KERMANY_BACTERIAL_VIRAL_LABEL_NAMES,
@@ -43,7 +44,14 @@ from .labelled_images import label_info, load_labelled_images
 from .mimic_cxr import load_mimic_cxr
 from .nih_chestxray14 import NIH_LABEL_NAMES, NIH_SPLIT_FILE_LABEL_ORDER, load_nih_chestxray14
 from .reports import extract_findings_impression
+from .rsna_pneumonia import (
+    RSNA_PNEUMONIA_CITATION,
+    RSNA_PNEUMONIA_LABEL_NAMES,
+    RSNA_PNEUMONIA_LICENSE,
+    load_rsna_pneumonia,
+)
 from .shenzhen_tb import SHENZHEN_LABEL_NAMES, load_shenzhen_tb
+from .siim_acr_pneumothorax import SIIM_CITATION, SIIM_LABEL_NAMES, SIIM_LICENSE, load_siim_acr_pneumothorax
 from .study_folder import load_study_folder
 from .vinbigdata import VINBIGDATA_CLASS_IDS, VINBIGDATA_LABEL_NAMES, dicom_to_uint8, load_vinbigdata
 
@@ -100,6 +108,15 @@ TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
         TargetDatasetSpec("kermany_bacterial_viral", functools.partial(load_kermany_pneumonia, task="bacterial_viral"),
                           KERMANY_BACTERIAL_VIRAL_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
                           KERMANY_LICENSE, KERMANY_CITATION),
+        # MRM's downstream tasks with MRM's split lists (splits/mrm/...; label_ratio=0.01 / 0.1 / 1.0 picks its
+        # train_1 / train_10 / train_list). SIIM also has a `mask` column (pneumothorax segmentation).
+        TargetDatasetSpec("chexpert", load_chexpert, CHEXPERT_LABEL_NAMES, "multi_label_classification",
+                          "mrm/CheXpert", CHEXPERT_LICENSE, CHEXPERT_CITATION),
+        TargetDatasetSpec("rsna_pneumonia", load_rsna_pneumonia, RSNA_PNEUMONIA_LABEL_NAMES,
+                          "single_label_classification", "mrm/RSNA_Pneumonia", RSNA_PNEUMONIA_LICENSE,
+                          RSNA_PNEUMONIA_CITATION),
+        TargetDatasetSpec("siim_acr_pneumothorax", load_siim_acr_pneumothorax, SIIM_LABEL_NAMES,
+                          "single_label_classification", "mrm/SIIM-ACR_Pneumothorax", SIIM_LICENSE, SIIM_CITATION),
         # Your own data: label names and problem type come from the data (`TargetDatasetSpec.with_labels_of`).
         TargetDatasetSpec("labelled_images", load_labelled_images, (), "", "labelled_images"),
     )
@@ -139,5 +156,6 @@ __all__ = [
     "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",
     "NIH_SPLIT_FILE_LABEL_ORDER", "VINBIGDATA_LABEL_NAMES", "VINBIGDATA_CLASS_IDS", "SHENZHEN_LABEL_NAMES",
     "COVID_LABEL_NAMES", "VIRAL_BACTERIAL_LABEL_NAMES", "load_labelled_images", "label_info",
-    "load_kermany_pneumonia", "kermany_records", "load_kermany_paired_reports", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
+    "load_kermany_pneumonia", "kermany_records", "load_chexpert", "load_rsna_pneumonia", "load_siim_acr_pneumothorax",
+    "CHEXPERT_LABEL_NAMES", "RSNA_PNEUMONIA_LABEL_NAMES", "SIIM_LABEL_NAMES", "load_kermany_paired_reports", "KERMANY_PNEUMONIA_LABEL_NAMES", "KERMANY_BACTERIAL_VIRAL_LABEL_NAMES",
 ]

@@ -23,8 +23,9 @@ from datasets_scripts import (
 
 
 def test_target_specs():
-    assert sorted(TARGET_DATASETS) == ["covid19", "covid19_viral_bacterial", "kermany_bacterial_viral", "kermany_pneumonia",
-                                       "labelled_images", "nih_chestxray14", "shenzhen_tb", "vinbigdata"]
+    assert sorted(TARGET_DATASETS) == ["chexpert", "covid19", "covid19_viral_bacterial", "kermany_bacterial_viral",
+                                       "kermany_pneumonia", "labelled_images", "nih_chestxray14", "rsna_pneumonia",
+                                       "shenzhen_tb", "siim_acr_pneumothorax", "vinbigdata"]
     expected = {"nih_chestxray14": (14, "multi_label_classification", "nih_chestxray14"),
                 "vinbigdata": (14, "multi_label_classification", "vinbigdata"),
                 "shenzhen_tb": (2, "single_label_classification", "shenzhen_tb"),
@@ -32,6 +33,10 @@ def test_target_specs():
                 "covid19_viral_bacterial": (2, "single_label_classification", "covid19_collection"),
                 "kermany_pneumonia": (2, "single_label_classification", "kermany_pneumonia"),
                 "kermany_bacterial_viral": (3, "single_label_classification", "kermany_pneumonia"),
+                # MRM's downstream tasks with MRM's lists (tests/test_datasets_{chexpert,rsna,siim}.py)
+                "chexpert": (5, "multi_label_classification", "mrm/CheXpert"),
+                "rsna_pneumonia": (2, "single_label_classification", "mrm/RSNA_Pneumonia"),
+                "siim_acr_pneumothorax": (2, "single_label_classification", "mrm/SIIM-ACR_Pneumothorax"),
                 # labels from the data (TargetDatasetSpec.with_labels_of; tests/test_datasets_labelled_images.py)
                 "labelled_images": (0, "", "labelled_images")}
     for name, spec in TARGET_DATASETS.items():
@@ -49,19 +54,22 @@ def test_target_specs():
 WITHOUT_SPLIT_LISTS = {"kermany_pneumonia", "kermany_bacterial_viral", "labelled_images"}
 
 
-def test_default_split_dirs_exist_in_shared_data(shared_data_dir):  # ../shared/data, else sample_data/
+def test_default_split_dirs_exist_in_shared_data(shared_data_dir, data_source):  # ../shared/data, else sample_data/
     for spec in TARGET_DATASETS.values():
         if spec.name in WITHOUT_SPLIT_LISTS:
             assert not (shared_data_dir / "splits" / spec.default_split_dir).exists(), spec.name
             continue
+        if spec.default_split_dir.startswith("mrm/") and data_source == "sample":
+            continue  # MRM's lists are in ../shared/data/splits/mrm only (no sample of those data sets here)
         assert (shared_data_dir / "splits" / spec.default_split_dir).is_dir(), spec.name
 
 
 def test_unknown_names():
-    with pytest.raises(ValueError, match=r"unknown target data set 'chexpert'; valid names: covid19, covid19_viral_bacterial, "
-                                         r"kermany_bacterial_viral, kermany_pneumonia, labelled_images, nih_chestxray14, "
-                                         r"shenzhen_tb, vinbigdata"):
-        load_target_dataset("chexpert", ".")
+    with pytest.raises(ValueError, match=r"unknown target data set 'padchest'; valid names: chexpert, covid19, "
+                                         r"covid19_viral_bacterial, kermany_bacterial_viral, kermany_pneumonia, "
+                                         r"labelled_images, nih_chestxray14, rsna_pneumonia, shenzhen_tb, "
+                                         r"siim_acr_pneumothorax, vinbigdata"):
+        load_target_dataset("padchest", ".")
     with pytest.raises(ValueError, match=r"task is fixed by the data set name 'covid19'"):
         load_target_dataset("covid19", ".", task="viral_bacterial")
     with pytest.raises(ValueError, match=r"unknown source data set 'padchest'; valid names: covid19_studies, iu_xray, "

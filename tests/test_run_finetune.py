@@ -158,8 +158,8 @@ def test_single_label_task_on_the_covid_collection(tmp_path, shared_data_dir):
 
 def test_bad_inputs(tmp_path, nih_dir, tiny_refers_checkpoint):
     base = ["--output_dir", str(tmp_path / "x"), "--data_dir", nih_dir, "--config_overrides", TINY, *FAST]
-    with pytest.raises(ValueError, match="unknown --dataset_name 'chexpert'; valid: covid19"):
-        run_finetune.main(base + ["--dataset_name", "chexpert"])
+    with pytest.raises(ValueError, match="unknown --dataset_name 'padchest'; valid: chexpert, covid19"):
+        run_finetune.main(base + ["--dataset_name", "padchest"])
     for ratio in ("0", "1.5", "-0.1"):
         with pytest.raises(ValueError, match=r"--label_ratio must be in \(0, 1\]"):
             run_finetune.main(base + ["--label_ratio", ratio])
@@ -390,7 +390,7 @@ def test_bad_calls_leave_no_file_behind(tmp_path, nih_dir):
     base = ["--output_dir", str(out), "--config_overrides", TINY, "--do_train", *FAST]
     bad_calls = [
         (["--data_dir", nih_dir, "--label_ratio", "0"], ValueError, r"--label_ratio must be in \(0, 1\]"),
-        (["--data_dir", nih_dir, "--dataset_name", "chexpert"], ValueError, "unknown --dataset_name"),
+        (["--data_dir", nih_dir, "--dataset_name", "padchest"], ValueError, "unknown --dataset_name"),
         (["--data_dir", str(tmp_path / "nowhere")], FileNotFoundError, "--data_dir .*nowhere.*: no such folder"),
         (["--data_dir", str(tmp_path)], FileNotFoundError, "Data_Entry_2017.csv"),
         (["--data_dir", nih_dir, "--timm_weights", str(tmp_path / "vit.pth")], FileNotFoundError,
