@@ -125,7 +125,8 @@ def test_labels_csv_checks_and_the_list_winning(rsna, caplog):
     with pytest.raises(InvalidDataError, match=rf"train_1.txt, line 1: patientId '{first}' is not in .*labels.csv"):
         load_rsna_pneumonia(rsna["root"], label_ratio=0.01, converted_dir=rsna["png"])
     # a missing column
-    _write_labels(rsna["root"] / "stage_2_train_labels.csv", [{k: v for k, v in r.items() if k != "Target"} for r in rows])
+    _write_labels(rsna["root"] / "stage_2_train_labels.csv",
+                  [{k: v for k, v in r.items() if k != "Target"} for r in rows])
     with pytest.raises(InvalidDataError, match=r"stage_2_train_labels.csv: missing column\(s\) \['Target'\]"):
         load_rsna_pneumonia(rsna["root"], label_ratio=0.01, converted_dir=rsna["png"])
     # without the CSV the lists are the only labels
