@@ -252,3 +252,26 @@ def test_a_fine_tuned_models_vit_checkpoint_converts_and_its_logits_equal_timms(
         torch.testing.assert_close(model(pixels).logits, vit(pixels), atol=1e-5, rtol=1e-5)
     assert torch.equal(model.classifier.weight, state_dict["head.weight"])
     assert torch.equal(model.refers.fc_norm.bias, state_dict["fc_norm.bias"])
+
+
+def test_the_converted_pretraining_folder_starts_mrm_fine_tuning_as_the_official_train_py(official_pretraining,
+                                                                                          converted_pretraining):
+    """Official NIH train.py: models_vit(global_pool=True, drop_path_rate=0.1) loads MRM.pth with strict=False;
+    missing exactly head and fc_norm (new), the pretrained final norm unused. The same through the Auto class and
+    the classifier flags: the same features as timm's avg-pool ViT loaded that way."""
+    _, sd = official_pretraining
+    folder, _ = converted_pretraining
+    model = AutoModelForImageClassification.from_pretrained(
+        folder, num_labels=14, classifier_pooling="mean", drop_path_rate=0.1, classifier_initializer_range=2e-5).eval()
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=IMAGE, patch_size=PATCH, embed_dim=D,
+                            depth=DEPTH, num_heads=D // 64, mlp_ratio=MLP / D, num_classes=14, global_pool="avg",
+                            fc_norm=True, drop_path_rate=0.1).eval()
+    result = vit.load_state_dict(sd, strict=False)
+    assert set(result.missing_keys) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert {"norm.weight", "norm.bias"} <= set(result.unexpected_keys)
+    pixels = torch.randn(2, C, IMAGE, IMAGE)
+    with torch.no_grad():
+        expected = vit.forward_head(vit.forward_features(pixels), pre_logits=True)
+        torch.testing.assert_close(model.refers(pixels).pooler_output, expected, atol=1e-5, rtol=1e-5)
+    assert [round(getattr(layer.drop_path, "drop_prob", 0.0), 6) for layer in model.refers.layers] == [0.0, 0.1]
+    assert 1.5e-5 < model.classifier.weight.std().item() < 2.5e-5
