@@ -4,7 +4,9 @@ by the CheXpert, RSNA Pneumonia and SIIM-ACR builders.
 A list is a text file, one entry per line: an image path or id, then `num_labels` 0/1 labels (none for SIIM). The
 label-ratio settings of the paper are separate training lists: `train_1.txt` (1%), `train_10.txt` (10%),
 `train_list.txt` (100%); `val_list.txt` is validation and `test_list.txt` test. `label_ratio` (0.01, 0.1 or 1.0)
-picks the training list: the loaders take it, as they take `split_dir`.
+picks the training list: the loaders take it, as they take `split_dir`. run_finetune loads the full (1.0) training
+split and samples its own `--label_ratio`; to train there on MRM's exact 1% / 10% images, write the list's ids with
+`write_mrm_label_ids(name, split_dir, 0.01, "ids.json")` and pass `--label_ids_path ids.json`.
 
 List entries whose image is absent: an InvalidDataError naming the list file, its line and the path looked for; with
 `skip_invalid=True` (the builders' usual switch) they are left out and counted in a log warning. That is the partial
@@ -104,6 +106,35 @@ def mrm_list_files(split_dir: Path, label_ratio: float, folder: str, full_list_o
     return files
 
 
+# How each builder names a list entry in its `image_id` column.
+_ID_OF_ENTRY = {"chexpert": lambda e: e, "rsna_pneumonia": lambda e: Path(e).stem, "siim_acr_pneumothorax": lambda e: e}
+_FOLDERS = {"chexpert": "CheXpert", "rsna_pneumonia": "RSNA_Pneumonia",
+            "siim_acr_pneumothorax": "SIIM-ACR_Pneumothorax"}
+
+
+def write_mrm_label_ids(dataset_name: str, split_dir: str | os.PathLike, label_ratio: float,
+                        output_path: str | os.PathLike) -> list[str]:
+    """Writes the `image_id`s of MRM's training list for `label_ratio` as an id file of `sample_label_ratio`'s format,
+    so that `select_by_ids(full_train, output_path)` (run_finetune's `--label_ids_path`) trains on exactly MRM's 1% /
+    10% images of the full (label_ratio=1.0) training split. Returns the ids, in list order."""
+    from .common import atomic_write_json
+    from .label_ratio import ID_FILE_FORMAT
+
+    if dataset_name not in _ID_OF_ENTRY:
+        raise ValueError(f"dataset_name must be one of {sorted(_ID_OF_ENTRY)}, got {dataset_name!r}")
+    label_ratio = check_label_ratio(label_ratio)
+    path = Path(split_dir) / MRM_TRAIN_LISTS[label_ratio]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: MRM's train list for label_ratio={label_ratio} not found (published as "
+                                f"DatasetsSplits/{_FOLDERS[dataset_name]}/{path.name} in RL4M/MRM-pytorch)")
+    num_labels = {"chexpert": 5, "rsna_pneumonia": 1, "siim_acr_pneumothorax": 0}[dataset_name]
+    ids = [_ID_OF_ENTRY[dataset_name](e.entry) for e in read_mrm_list(path, num_labels)]
+    atomic_write_json(output_path, {"format": ID_FILE_FORMAT, "ratio": label_ratio, "seed": None,
+                                    "label_column": "labels", "id_column": "image_id", "source": str(path),
+                                    "ids": ids})
+    return ids
+
+
 def default_converted_dir(dataset_name: str, image_dir: Path, max_size: int | None) -> Path:
     """`<datasets cache>/refers_<name>_png/<hash of image_dir>-<size>-<DICOM reader tag>` (as VinBigData's)."""
     import datasets.config
@@ -123,4 +154,4 @@ def convert_dicoms(sources: list[Path], targets: list[Path], max_size: int | Non
 
 
 __all__ = ["MRM_TRAIN_LISTS", "MRM_EVAL_LISTS", "MRM_SPLITS_CITATION", "ListedEntry", "check_label_ratio",
-           "read_mrm_list", "mrm_list_files", "default_converted_dir", "convert_dicoms"]
+           "read_mrm_list", "write_mrm_label_ids", "mrm_list_files", "default_converted_dir", "convert_dicoms"]

@@ -11,6 +11,8 @@ import pytest
 import datasets
 from datasets_scripts import TARGET_DATASETS, InvalidDataError, load_target_dataset
 from datasets_scripts.chexpert import CHEXPERT_LABEL_NAMES, chexpert_value, load_chexpert
+from datasets_scripts.label_ratio import select_by_ids
+from datasets_scripts.mrm_lists import write_mrm_label_ids
 
 COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
            "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
@@ -113,7 +115,7 @@ def test_ratio_lists_select_exactly_the_listed_images(chex, caplog):
     assert again["train"]["image_id"] == ds["train"]["image_id"]
 
 
-def test_full_training_set_without_train_list_uses_the_uncertainty_policy(chex):
+def test_full_training_set_without_train_list_uses_the_uncertainty_policy(chex, tmp_path):
     ds = load_chexpert(chex["root"], label_ratio=1.0)
     in_val = set(_entries(VAL))
     expected = [r["Path"] for r in chex["train_rows"] if r["Path"] not in in_val]
@@ -124,6 +126,10 @@ def test_full_training_set_without_train_list_uses_the_uncertainty_policy(chex):
     for path, y in {**_entries(TRAIN_1), **_entries(TRAIN_10)}.items():
         assert labels[path] == y
     _check_split(ds["test"], TEST)
+    # run_finetune --label_ids_path: MRM's 1% list as an id file selects exactly its images of the full split
+    ids = write_mrm_label_ids("chexpert", chex["split_dir"], 0.01, tmp_path / "ids.json")
+    assert ids == list(_entries(TRAIN_1))
+    assert sorted(select_by_ids(ds["train"], tmp_path / "ids.json")["image_id"]) == sorted(ids)
     # with MRM's train_list.txt in split_dir, it is the training split
     (chex["split_dir"] / "train_list.txt").write_text("\n".join(TRAIN_10[:2]) + "\n")
     _check_split(load_chexpert(chex["root"], label_ratio=1.0)["train"], TRAIN_10[:2])

@@ -11,6 +11,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from datasets_scripts import TARGET_DATASETS, InvalidDataError, load_target_dataset
+from datasets_scripts.label_ratio import select_by_ids
+from datasets_scripts.mrm_lists import write_mrm_label_ids
 from datasets_scripts.rsna_pneumonia import RSNA_PNEUMONIA_LABEL_NAMES, load_rsna_pneumonia
 from modeling_refers.image_processing_refers import load_dicom
 
@@ -99,6 +101,10 @@ def test_ratio_lists_select_exactly_the_listed_images(rsna, caplog):
         _check_split(ds["train"], lines)
         _check_split(ds["validation"], VAL)
         _check_split(ds["test"], TEST)
+    ids = write_mrm_label_ids("rsna_pneumonia", rsna["split_dir"], 0.1, rsna["png"] / "ids.json")  # --label_ids_path
+    assert ids == [e[len(T):-4] for e in _entries(TRAIN_10)]
+    selected = select_by_ids(ds["train"], rsna["png"] / "ids.json")  # in the full split's order
+    assert sorted(selected["image_id"]) == sorted(ids)
     assert ds["train"].features["labels"].names == list(RSNA_PNEUMONIA_LABEL_NAMES)
     assert TARGET_DATASETS["rsna_pneumonia"].label_names == RSNA_PNEUMONIA_LABEL_NAMES
     assert "differ from the split lists" not in caplog.text
