@@ -181,3 +181,36 @@ def test_bad_values_are_refused_naming_the_field(field, value, message):
 def test_mean_pooling_needs_the_radiograph_transformer():
     with pytest.raises(ValueError, match="classifier_pooling='mean' pools the radiograph transformer"):
         RefersConfig(backbone="resnet18", hidden_size=512, aggregation="none", classifier_pooling="mean")
+
+
+@pytest.mark.parametrize("method", ["refers", "mrm", "joimternet"])
+def test_every_vit_method_classifies_with_mean_pooling_and_drop_path(method, tmp_path):
+    """Each ViT method's configuration carries the fields; its pretraining checkpoint becomes a mean-pooled
+    classifier with stochastic depth (the pretrained final LayerNorm dropped, fc_norm and the head new)."""
+    from transformers import AutoModelForImageClassification
+
+    from modeling_refers import JoImTeRNetForPreTraining, MRMForPreTraining, RefersForPreTraining
+
+    pretraining_class = {"refers": RefersForPreTraining, "mrm": MRMForPreTraining,
+                         "joimternet": JoImTeRNetForPreTraining}[method]
+    text = dict(model_type="bert", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=20)
+    overrides = dict(**TINY, text_config=text)
+    config = (pretraining_class.default_config(**overrides) if hasattr(pretraining_class, "default_config")
+              else RefersConfig(**overrides, decoder_hidden_size=32, decoder_num_attention_heads=2,
+                                decoder_intermediate_size=64, projection_dim=96))
+    torch.manual_seed(0)
+    pretraining_class(config).save_pretrained(tmp_path / method)
+    model = AutoModelForImageClassification.from_pretrained(
+        tmp_path / method, num_labels=2, classifier_pooling="mean", drop_path_rate=0.2).eval()
+    assert [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.refers.layers] == pytest.approx([0.0, 0.2])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model(pixels, output_hidden_states=True)
+    last = outputs.hidden_states[-1]  # the last block's output; no final LayerNorm with mean pooling
+    if model.config.aggregation == "cls_add":
+        last = torch.cat([last[:, :1], last[:, 1:] + last[:, :1]], dim=1)
+    features = torch.nn.functional.layer_norm(last[:, 1:].mean(dim=1), (32,), model.refers.fc_norm.weight,
+                                              model.refers.fc_norm.bias, eps=1e-6)
+    # (with view fusion, a single image is a one-view study whose feature is its own)
+    torch.testing.assert_close(outputs.logits, model.classifier(features), atol=1e-5, rtol=1e-5)
