@@ -152,7 +152,8 @@ class RefersLayer(ViTLayer):
 
 def drop_path_rates(config: RefersConfig) -> list[float]:
     """Per-block stochastic-depth rates, rising linearly from 0 to `config.drop_path_rate` (timm's rule)."""
-    return [rate.item() for rate in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers)]
+    # on the CPU explicitly: models are also built under `torch.device("meta")`, where `.item()` has no value
+    return [rate.item() for rate in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu")]
 
 
 class RefersConvBackbone(nn.Module):

@@ -214,3 +214,10 @@ def test_every_vit_method_classifies_with_mean_pooling_and_drop_path(method, tmp
                                               model.refers.fc_norm.bias, eps=1e-6)
     # (with view fusion, a single image is a one-view study whose feature is its own)
     torch.testing.assert_close(outputs.logits, model.classifier(features), atol=1e-5, rtol=1e-5)
+
+
+def test_models_with_drop_path_build_on_the_meta_device():
+    """(as the REFERS converter and transformers' loading build them: no tensor has a value there)"""
+    with torch.device("meta"):
+        model = RefersForImageClassification(RefersConfig(**TINY, drop_path_rate=0.1, classifier_pooling="mean"))
+    assert model.refers.layers[1].drop_path.drop_prob == pytest.approx(0.1)
