@@ -1,6 +1,7 @@
 """REFERS for the Hugging Face ecosystem. Importing this package registers the Auto classes."""
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -13,6 +14,7 @@ from .configuration_refers import RefersConfig
 from .evaluation import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
 from .image_processing_refers import RefersImageProcessor, load_dicom, load_radiograph, window_to_uint8
 from .modeling_refers import (
+    RefersBackbone,
     RefersForImageClassification,
     RefersForPreTraining,
     RefersModel,
@@ -47,8 +49,12 @@ RefersForImageClassification.register_for_auto_class("AutoModelForImageClassific
 RefersForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 RefersImageProcessor.register_for_auto_class("AutoImageProcessor")
 RefersProcessor.register_for_auto_class("AutoProcessor")
+# The radiograph transformer as a backbone for dense heads (UperNet; modeling_refers.segmentation_refers).
+AutoBackbone.register(RefersConfig, RefersBackbone, exist_ok=True)
+RefersBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
+    "RefersBackbone",
     "RefersConfig",
     "RefersImageProcessor",
     "RefersProcessor",

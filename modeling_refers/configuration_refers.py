@@ -2,6 +2,7 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
@@ -46,7 +47,7 @@ CLASSIFIER_POOLING_MODES = ("cls", "mean")
 
 
 @strict(accept_kwargs=True)
-class RefersConfig(PreTrainedConfig):
+class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a REFERS radiograph transformer (Zhou et al., Nature Machine Intelligence 4, 32-40, 2022).
 
@@ -93,6 +94,11 @@ class RefersConfig(PreTrainedConfig):
             linear rule; MRM fine-tunes with 0.1). 0 builds no drop-path module.
         classifier_initializer_range (`float`, *optional*): std of the truncated-normal init of a new classifier
             weight; `initializer_range` when unset (MRM's fine-tuning: 2e-5).
+        out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*): the stages `RefersBackbone`
+            returns as feature maps (`stage_names`: `stem`, `stage1` .. `stageL`; as `Dinov2Config`); the last stage
+            when neither is set. MRM's segmentation uses `out_indices=[4, 6, 8, 12]`.
+        feature_pyramid_rescales (`list[float]`, *optional*): MRM's Feature2Pyramid neck on the backbone's feature
+            maps, one factor per out feature from 4, 2, 1, 0.5, 0.25 (MRM: `[4, 2, 1, 0.5]`); None: single scale.
 
         Pretraining ([`RefersForPreTraining`]); ignored by the backbone and classification models:
 
@@ -194,7 +200,15 @@ class RefersConfig(PreTrainedConfig):
     mrm_decoder_intermediate_size: int = 2048
     mrm_report_mask_ratio: float = 0.5
 
+    # RefersBackbone (AutoBackbone, e.g. under UperNet): `out_features` / `out_indices` (BackboneConfigMixin; None until
+    # given: the backbone then takes the last stage) and the Feature2Pyramid rescaling of its feature maps.
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    feature_pyramid_rescales: list[float | int] | None = None
+
     def __post_init__(self, **kwargs):
+        backbone_outputs = {"out_features": kwargs.pop("out_features", None),
+                            "out_indices": kwargs.pop("out_indices", None)}
         aliases = {name: kwargs.pop(name) for name in list(kwargs) if name in DECODER_ALIASES}
         decoder_given = self.decoder_config is not None
         super().__post_init__(**kwargs)
@@ -204,6 +218,8 @@ class RefersConfig(PreTrainedConfig):
             setattr(self, name, value)
         self.sync_decoder_config()
         self.check_architecture()
+        if any(value is not None for value in backbone_outputs.values()):
+            self.set_output_features_output_indices(**backbone_outputs)
 
     @property
     def contrastive_dim(self) -> int:
@@ -321,6 +337,12 @@ class RefersConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "decoder_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RefersConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The backbone's stages (`RefersBackbone`): `stem` (the embeddings) and `stage1` .. `stageL` (block i's
+        output), so `out_indices=[4, 6, 8, 12]` are MRM's blocks 4, 6, 8, 12 (its 0-based `out_indices=(3, 5, 7, 11)`)."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
 
     @property
     def num_patches(self) -> int:

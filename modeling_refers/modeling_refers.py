@@ -16,7 +16,8 @@ from transformers import AutoModel, BertLMHeadModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ModelOutput
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
@@ -1289,3 +1290,140 @@ __all__ = [
     "CheckpointLoadReport",
     "convert_timm_vit_state_dict",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone for dense prediction (AutoBackbone; e.g. transformers' UperNetForSemanticSegmentation)
+# ----------------------------------------------------------------------------------------------------------------------
+
+PYRAMID_RESCALES = (4, 2, 1, 0.5, 0.25)
+
+
+class RefersFeaturePyramid(nn.Module):
+    """MRM's neck (mmseg's `Feature2Pyramid`, config `rescales=[4, 2, 1, 0.5]`): a plain ViT is single-scale, so each
+    feature map `(batch, d, h, w)` is rescaled by its own factor: x4 ConvTranspose2d(2, 2)-BatchNorm-GELU-
+    ConvTranspose2d(2, 2), x2 ConvTranspose2d(2, 2), x1 identity, x0.5 MaxPool2d(2), x0.25 MaxPool2d(4). Widths stay
+    d. (MRM's BatchNorm is SyncBN: the same layer on one device.)"""
+
+    def __init__(self, hidden_size: int, rescales):
+        super().__init__()
+        self.rescales = [float(scale) for scale in rescales]
+        levels = []
+        for scale in self.rescales:
+            if scale == 4:
+                levels.append(nn.Sequential(
+                    nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2),
+                    nn.BatchNorm2d(hidden_size), nn.GELU(),
+                    nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2)))
+            elif scale == 2:
+                levels.append(nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2))
+            elif scale == 1:
+                levels.append(nn.Identity())
+            elif scale == 0.5:
+                levels.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            elif scale == 0.25:
+                levels.append(nn.MaxPool2d(kernel_size=4, stride=4))
+            else:
+                raise ValueError(f"RefersConfig.feature_pyramid_rescales: each factor must be one of "
+                                 f"{PYRAMID_RESCALES} (MRM's Feature2Pyramid), got {scale!r} in {list(rescales)}.")
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(level(feature_map) for level, feature_map in zip(self.levels, feature_maps))
+
+
+class RefersBackbone(BackboneMixin, RefersPreTrainedModel):
+    """The radiograph transformer as a transformers backbone (`AutoBackbone`), as `Dinov2Backbone` / `ViTDetBackbone`:
+    `feature_maps` holds, for every `config.out_features` stage (`stem`, `stage1` .. `stageL`), that block's patch
+    tokens `(batch, d, H / p, W / p)`, optionally rescaled by MRM's Feature2Pyramid neck
+    (`config.feature_pyramid_rescales`, e.g. `[4, 2, 1, 0.5]`: `(batch, d, 4H / p, 4W / p)` ... `(batch, d, H / 2p,
+    W / 2p)`), so a dense head (`UperNetForSemanticSegmentation`) runs on any REFERS / MRM checkpoint.
+
+    As MRM's segmentation backbone (mmseg `MRM`, `final_norm=False`): the blocks' raw outputs (no final LayerNorm),
+    the aggregation token dropped, position embeddings interpolated (bicubic) when the input is not `image_size`.
+    REFERS's recurrent concatenation runs before the last block as in [`RefersModel`]; `aggregation="cls_add"`
+    (applied after the final LayerNorm) does not enter the feature maps. The neck's weights are new when loading a
+    checkpoint (`_head_prefixes`); the checkpoint's final LayerNorm, view fusion and heads are dropped.
+    """
+
+    _head_prefixes = ("neck.",)
+    _loadable_by = {"AutoBackbone": "RefersBackbone"}
+
+    def __init__(self, config: RefersConfig):
+        super().__init__(config)
+        if config.backbone != "vit":
+            raise ValueError(
+                f"RefersBackbone is the radiograph transformer (RefersConfig.backbone='vit'); this config's backbone "
+                f"is the timm CNN {config.backbone!r}: use transformers' TimmBackbone for it."
+            )
+        if config._out_features is None:  # as Dinov2Config: the last stage by default
+            config.set_output_features_output_indices(out_features=None, out_indices=None)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = RefersEmbeddings(config)
+        self.layers = nn.ModuleList([RefersLayer(config, rate) for rate in drop_path_rates(config)])
+        self.recurrent_concat = RefersRecurrentConcat(config) if config.aggregation == "recurrent_concat" else None
+        self.neck = None
+        if config.feature_pyramid_rescales is not None:
+            if len(config.feature_pyramid_rescales) != len(config.out_features):
+                raise ValueError(
+                    f"RefersConfig.feature_pyramid_rescales {list(config.feature_pyramid_rescales)} needs one factor "
+                    f"per out feature {config.out_features} ({len(config.out_features)})."
+                )
+            self.neck = RefersFeaturePyramid(config.hidden_size, config.feature_pyramid_rescales)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.ConvTranspose2d):  # PyTorch's own initialisation (mmseg keeps it)
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            fan_in = module.weight.shape[1] * module.weight[0, 0].numel()
+            init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        pixel_values (`(batch, C, H, W)`): images; H and W multiples of `patch_size`.
+
+        Returns a `BackboneOutput`: `feature_maps`, one `(batch, hidden_size, h, w)` per out feature (h = H / p times
+        its rescale factor); `hidden_states` (embeddings + every block, `(batch, 1 + H W / p^2, d)`) and `attentions`
+        on request.
+        """
+        if pixel_values is None or pixel_values.ndim != 4:
+            raise ValueError("RefersBackbone needs `pixel_values` of shape (batch, C, H, W), got "
+                             f"{None if pixel_values is None else tuple(pixel_values.shape)}.")
+        batch_size, _, height, width = pixel_values.shape
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"RefersBackbone: image height and width ({height} x {width}) must be multiples of "
+                             f"patch_size ({patch}).")
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        hidden_states = self.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=True)
+        stages = [hidden_states]
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            if index == last and self.recurrent_concat is not None:
+                hidden_states = self.recurrent_concat(hidden_states)
+            hidden_states = layer(hidden_states, None, **kwargs)
+            stages.append(hidden_states)
+        feature_maps = tuple(
+            stages[index][:, 1:].reshape(batch_size, height // patch, width // patch, -1).permute(0, 3, 1, 2)
+            .contiguous() for index in self.out_indices
+        )
+        if self.neck is not None:
+            feature_maps = self.neck(feature_maps)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(stages))
+
+
+__all__ += ["RefersBackbone", "RefersFeaturePyramid"]
