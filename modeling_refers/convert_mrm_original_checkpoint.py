@@ -79,6 +79,7 @@ NO_PLACE_REASONS: dict[str, str] = {
     BERT_PREFIX + "embeddings.token_type_ids": "a buffer (zeros), not a weight",
     BERT_PREFIX + "pooler.": "BERT's pooler: the official MyBertModel builds one (its add_pooling_layer=False is not "
                              "passed on) but MRM never reads it (no gradient); the text encoder here has none",
+    # (a key is looked up here only when the model built has no place for it)
 }
 
 # Our weights that are tied to another in the official model: filled from it when the file lacks them.
@@ -294,10 +295,10 @@ def convert_mrm_state_dict(state_dict: Mapping[str, torch.Tensor], config: Refer
     for key, value in state_dict.items():
         if key in unknown:
             continue
-        reason = _no_place_reason(key)
-        ours = {} if reason else official_to_ours(key, value, config, kind)
+        ours = official_to_ours(key, value, config, kind)
         ours = {name: tensor for name, tensor in ours.items() if name in model_keys}
         if not ours:
+            reason = _no_place_reason(key)
             if reason is None:
                 stray.append(key)
             else:
