@@ -2,7 +2,8 @@
 
 Two kinds of checkpoint are read (after unwrapping `{"model": ...}` and `module.`):
 
-- pretraining (`main_pretrain.py` saves `{"model": model_mrm.MRM.state_dict(), ...}`), timm names:
+- pretraining (`main_pretrain.py` saves `{"model": model_mrm.MRM.state_dict(), "optimizer", "epoch", "scaler",
+  "args"}`; `args`, an `argparse.Namespace`, is the one non-container object allowed), timm names:
 
       cls_token (1, 1, D), pos_embed (1, 1 + P, D) fixed 2-D sin-cos, patch_embed.proj.{weight,bias} (D, C, p, p)
       blocks.N.{norm1, attn.qkv (3D, D), attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}, norm.{weight,bias}
@@ -235,6 +236,7 @@ def infer_mrm_config(state_dict: Mapping[str, torch.Tensor], num_attention_heads
         mrm_decoder_intermediate_size=int(_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight",
                                                  "the decoder's MLP size")[0]),
         mrm_reconstruction_size=fields["image_size"] * scale if scale > 1 else None,
+        mrm_norm_pix_loss=True, mrm_mask_ratio=0.75,  # run.sh: --norm_pix_loss --mask_ratio 0.75 (not in the weights)
     )
     fields.update(overrides)
     return MRMForPreTraining.default_config(**fields)
@@ -378,7 +380,10 @@ def convert_mrm_original_checkpoint(
         `(output_dir, report)`; the report is logged too.
     """
     output_dir = Path(output_dir)
-    state_dict = load_official_checkpoint(checkpoint_path)
+    # main_pretrain.py saves its `args` (an argparse.Namespace of plain values) beside the weights: allowed to
+    # unpickle; anything else that is not a tensor or a plain container is still refused by the reader
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state_dict = load_official_checkpoint(checkpoint_path)
     kind = checkpoint_kind(state_dict)
     if kind == "pretraining":
         config = infer_mrm_config(state_dict, num_attention_heads, text_num_attention_heads,

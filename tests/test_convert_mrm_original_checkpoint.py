@@ -3,6 +3,8 @@
 parameters, sizes inferred, both Auto classes load, clear refusals, and a fine-tuned checkpoint's logits equal timm's
 VisionTransformer loaded with the same state dict."""
 
+import argparse
+
 import pytest
 import timm
 import torch
@@ -77,7 +79,7 @@ def _random(shapes: dict, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def official_pretraining(tmp_path_factory):
-    """An official-shaped MRM.pth ({"model": ..., "epoch": ...}, as main_pretrain.py saves) and its state dict; the
+    """An official-shaped MRM.pth ({"model": ..., "args": Namespace, ...}, as main_pretrain.py saves) and its state dict; the
     BERT tensors tied as in the official model, position_ids saved as older transformers did."""
     state_dict = _random(official_pretraining_shapes())
     mlm = "bert_encoder.model.cls.predictions."
@@ -85,7 +87,10 @@ def official_pretraining(tmp_path_factory):
     state_dict[mlm + "decoder.bias"] = state_dict[mlm + "bias"]
     state_dict["bert_encoder.model.bert.embeddings.position_ids"] = torch.arange(POSITIONS)[None]
     path = tmp_path_factory.mktemp("official") / "MRM.pth"
-    torch.save({"model": state_dict, "epoch": 199}, path)
+    args = argparse.Namespace(model="mrm", norm_pix_loss=True, mask_ratio=0.75, output_dir="/path/to/output/")
+    optimizer = {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}
+    torch.save({"model": state_dict, "optimizer": optimizer, "epoch": 199, "scaler": {"scale": 65536.0},
+                "args": args}, path)  # what util/misc.py save_model writes
     return path, state_dict
 
 
@@ -231,6 +236,11 @@ def test_unknown_and_misshapen_keys_are_refused_with_their_names(official_pretra
     torch.save({"model": missing}, tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"without a value: image_decoder\.decoder_norm\.weight"):
         convert_mrm_original_checkpoint(tmp_path / "missing.pth", tmp_path / "w")
+    import pathlib
+
+    torch.save({"model": state_dict, "output_dir": pathlib.PurePosixPath("/x")}, tmp_path / "object.pth")
+    with pytest.raises(ValueError, match="Refused to load .*PurePosixPath"):  # only argparse.Namespace is let in
+        convert_mrm_original_checkpoint(tmp_path / "object.pth", tmp_path / "u")
     torch.save({"model": {"transformer.embeddings.cls_token": torch.zeros(1, 1, 8)}}, tmp_path / "refers.pth")
     with pytest.raises(ValueError, match="not an official MRM checkpoint"):
         convert_mrm_original_checkpoint(tmp_path / "refers.pth", tmp_path / "v")
