@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import AutoModel, BertLMHeadModel, PreTrainedModel
 from transformers import initialization as init
@@ -24,6 +26,9 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_refers import RefersConfig
+
+
+_GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 logger = logging.get_logger(__name__)
@@ -730,6 +735,22 @@ def _distributed_world_size() -> int:
     return torch.distributed.get_world_size()
 
 
+def _all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """`(n, ...)` of each of the w processes -> `(w * n, ...)`, with autograd (the backward reduce-scatters the
+    gradients back to their owners), through the newest of torch's autograd all-gathers that this torch has:
+    `all_gather_single_autograd` (it deprecated `all_gather_tensor_autograd` in recent torch), then
+    `all_gather_tensor_autograd` (it deprecated `torch.distributed.nn.functional.all_gather`), then that one."""
+    from torch.distributed import _functional_collectives as collectives
+
+    for name in ("all_gather_single_autograd", "all_gather_tensor_autograd"):
+        gather = getattr(collectives, name, None)
+        if gather is not None:
+            return gather(tensor, gather_dim=0, group=group)
+    from torch.distributed.nn.functional import all_gather as gather_list  # pragma: no cover - torch < 2.3
+
+    return torch.cat(gather_list(tensor, group=group))  # pragma: no cover
+
+
 def gather_rows_across_processes(tensor: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
     """All-gather the rows `(n_r, ...)` of every process into `(sum n_r, ...)` in rank order; ranks may hold
     different n_r (the last batch). With `with_grad`, autograd's all-gather sends every rank the gradient that all
@@ -744,15 +765,8 @@ def gather_rows_across_processes(tensor: torch.Tensor, with_grad: bool = True) -
     padding = [0, 0] * (tensor.ndim - 1) + [0, max(counts) - tensor.shape[0]]
     padded = nn.functional.pad(tensor, padding)
     if with_grad:  # torch's autograd all-gather (its backward reduce-scatters the gradients back to their owners)
-        try:  # the one torch points to since torch.distributed.nn.functional.all_gather was deprecated
-            from torch.distributed._functional_collectives import all_gather_tensor_autograd
-        except ImportError:  # pragma: no cover - older torch
-            from torch.distributed.nn.functional import all_gather as gather_list
-
-            parts = gather_list(padded)
-        else:
-            parts = all_gather_tensor_autograd(padded.contiguous(), gather_dim=0, group=dist.group.WORLD)
-            parts = parts.reshape(world_size, *padded.shape).unbind(0)
+        parts = _all_gather_with_grad(padded.contiguous(), dist.group.WORLD)
+        parts = parts.reshape(world_size, *padded.shape).unbind(0)
     else:
         parts = [torch.empty_like(padded) for _ in range(world_size)]
         dist.all_gather(parts, padded.contiguous())
@@ -890,7 +904,9 @@ class RefersReportDecoder(nn.Module):
         generate_kwargs.setdefault("eos_token_id", config.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", config.pad_token_id)
         # Cross-attention keys/values are cached once per study: a decoder-only model needs the encoder-decoder cache.
-        generate_kwargs.setdefault("past_key_values", EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        # transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name warns); 5.23 knows only the old.
+        if "cache" not in generate_kwargs and "past_key_values" not in generate_kwargs:
+            generate_kwargs[_GENERATE_CACHE_KWARG] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         return self.decoder.generate(
             input_ids=start,
             attention_mask=torch.ones_like(start),

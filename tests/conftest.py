@@ -30,6 +30,20 @@ def _have_shared_data() -> bool:
     return (_shared_data_dir() / "README.md").is_file()
 
 
+# ------------------------------------------------------------------------------ our own deprecations fail
+# A DeprecationWarning / FutureWarning attributed to our code (the frame that called the deprecated API, which is
+# where libraries point their `stacklevel`) is an error: the package must use the current APIs of its pinned
+# versions. Warnings that libraries raise about their own internals are left alone. Subprocesses (the example
+# scripts, torchrun) are checked by `own_deprecation_warnings` on their stderr.
+# Our modules: the packages, the example scripts when a test imports them, and the copies trust_remote_code loads.
+OWN_MODULES = r"(modeling_refers|datasets_scripts|transformers_modules|run_\w+|quickstart|prepare_images|push_refers_to_hub)(\.|$)"
+
+
+def pytest_configure(config):
+    for category in ("DeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"error::{category}:{OWN_MODULES}")
+
+
 # ------------------------------------------------------------------------------------------ no skips on CI
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

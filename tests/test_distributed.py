@@ -3,6 +3,7 @@ scripts under torchrun compared with one process."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,18 @@ VOCAB, BOS, EOS, PAD = 64, 2, 3, 0
 # float32 sums in another order (all-reduce of two halves vs one batch): equal to ~1e-7 relative; 1e-5 leaves room
 # for the 4-layer chains without hiding a missing term (those change gradients at the 1e-2 level, see the test).
 RTOL, ATOL = 1e-5, 1e-6
+
+
+# Child processes do not inherit pytest's warning filters: they print every deprecation (Python hides
+# DeprecationWarning outside __main__ by default) and the test reads back the ones raised at our lines.
+SHOW_DEPRECATIONS = {"PYTHONWARNINGS": "default::DeprecationWarning,default::FutureWarning"}
+_OWN_WARNING = re.compile(r"^.*[/\\](?:modeling_refers|datasets_scripts|examples)[/\\]\S+\.py:\d+: "
+                          r"(?:Deprecation|Future)Warning: .*$", re.MULTILINE)
+
+
+def own_deprecation_warnings(stderr: str) -> list[str]:
+    """The DeprecationWarning / FutureWarning lines of a child's stderr that point at our files."""
+    return _OWN_WARNING.findall(stderr)
 
 
 def tiny_config(**overrides) -> RefersConfig:
@@ -90,9 +103,10 @@ def test_global_negatives_two_processes_equal_one_process_with_the_whole_batch(t
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     run = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, stdin=subprocess.DEVNULL)
+                         text=True, timeout=600, stdin=subprocess.DEVNULL, env=dict(os.environ, **SHOW_DEPRECATIONS))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "workers-ok" in run.stdout
+    assert own_deprecation_warnings(run.stderr) == []  # the autograd all-gather is torch's current one
 
     shared = torch.load(tmp_path / "result-True.pt")
     assert shared["logits_shape"] == [2, 4]  # each process scores its 2 studies against all 4 reports
@@ -123,12 +137,13 @@ REPORT_TOKENS = 8  # every report used is longer: each study has 7 next-token ta
 def torchrun(script: str, args: list[str], nproc: int = 2, launcher: list[str] | None = None
              ) -> subprocess.CompletedProcess:
     """Run an example script under `torchrun --standalone` (or another `launcher` command line)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **SHOW_DEPRECATIONS)
     launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                             str(nproc)]
     run = subprocess.run([*launcher, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=600,
                          env=env, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    assert own_deprecation_warnings(run.stderr) == []
     return run
 
 
