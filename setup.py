@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
-    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md"]},
+    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md", "model_card_template.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -22,6 +22,7 @@ setup(
         "evaluate>=0.4.6",
         "accelerate>=1.15",
         "huggingface-hub>=2.4",
+        "jinja2>=3.1",  # huggingface_hub's ModelCard.from_template renders the model card template
         "safetensors>=0.8",
         "timm>=1.0.31",
         "tokenizers>=0.23",

@@ -7,16 +7,18 @@ list of length C (NIH ChestX-ray14, VinBigData) or a ClassLabel (Shenzhen TB, th
 pneumonia tasks).
 
 All builders read the files as distributed, validate them, and return in-memory datasets (nothing is
-written to the `datasets` cache). `SAMPLE_DATA_DIR` is the small real sample shipped with the repository
-(same layout as ../shared/data).
+written to the `datasets` cache). `SAMPLE_DATA_DIR` is the small real sample shipped with the repository and
+installed with the package (same layout as ../shared/data).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from datasets import DatasetDict
@@ -55,14 +57,40 @@ from .siim_acr_pneumothorax import SIIM_CITATION, SIIM_LABEL_NAMES, SIIM_LICENSE
 from .study_folder import load_study_folder
 from .vinbigdata import VINBIGDATA_CLASS_IDS, VINBIGDATA_LABEL_NAMES, dicom_to_uint8, load_vinbigdata
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def _sample_data_dir() -> Path:
+    """sample_data/: inside the package when installed (setup.py ships it as `datasets_scripts/sample_data`), beside
+    the package in a source checkout or an editable install. A copy without it gets the installed location, which
+    `check_data_dir` then reports as missing, saying what to pass."""
+    installed = Path(str(resources.files(__name__) / "sample_data"))
+    checkout = Path(__file__).resolve().parents[1] / "sample_data"
+    return installed if installed.is_dir() or not checkout.is_dir() else checkout
+
+
+SAMPLE_DATA_DIR = _sample_data_dir()
+
+
+def check_data_dir(data_dir, flag: str = "--data_dir", what: str = "the data set's folder") -> Path:
+    """`data_dir` as a Path if it is a folder; else FileNotFoundError naming `flag` and what to pass instead (and
+    that this copy of refers has no sample data, when the missing folder is the default inside SAMPLE_DATA_DIR)."""
+    path = Path(data_dir)
+    if path.is_dir():
+        return path
+    message = f"{flag} {os.fspath(data_dir)!r}: no such folder; pass {flag} with {what}"
+    if path.resolve().is_relative_to(SAMPLE_DATA_DIR.resolve()):
+        message += (f" (the default is the sample data shipped with refers, and this installation has no "
+                    f"{os.fspath(SAMPLE_DATA_DIR)!r}: install refers with `pip install .` from a checkout, or pass "
+                    f"your own data)")
+    raise FileNotFoundError(message)
 
 
 @dataclass(frozen=True)
 class TargetDatasetSpec:
     """A fine-tuning data set: its loader `loader(data_dir, **kw) -> DatasetDict`, class names in label
     order, the `problem_type` for `PretrainedConfig`, and the folder name of its split lists under `splits/`.
-    `license` (a Hub licence id) and `citation` (whom to attribute) where the registry records them."""
+    `license` (a Hub licence id) and `citation` (whom to attribute) where the registry records them;
+    `display_name` is how cards and reports name it (e.g. "NIH ChestX-ray14")."""
 
     name: str
     loader: Callable[..., DatasetDict]
@@ -71,6 +99,7 @@ class TargetDatasetSpec:
     default_split_dir: str
     license: str | None = None
     citation: str | None = None
+    display_name: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -92,43 +121,74 @@ TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
     spec.name: spec
     for spec in (
         TargetDatasetSpec("nih_chestxray14", load_nih_chestxray14, NIH_LABEL_NAMES,
-                          "multi_label_classification", "nih_chestxray14"),
+                          "multi_label_classification", "nih_chestxray14", display_name="NIH ChestX-ray14"),
         TargetDatasetSpec("vinbigdata", load_vinbigdata, VINBIGDATA_LABEL_NAMES,
-                          "multi_label_classification", "vinbigdata"),
+                          "multi_label_classification", "vinbigdata", display_name="VinBigData Chest X-ray"),
         TargetDatasetSpec("shenzhen_tb", load_shenzhen_tb, SHENZHEN_LABEL_NAMES,
-                          "single_label_classification", "shenzhen_tb"),
+                          "single_label_classification", "shenzhen_tb", display_name="Shenzhen Tuberculosis"),
         TargetDatasetSpec("covid19", functools.partial(load_covid19_collection, task="covid"), COVID_LABEL_NAMES,
-                          "single_label_classification", "covid19_collection"),
+                          "single_label_classification", "covid19_collection",
+                          display_name="COVID-19 Image Data Collection (COVID-19 vs other)"),
         TargetDatasetSpec("covid19_viral_bacterial", functools.partial(load_covid19_collection, task="viral_bacterial"),
-                          VIRAL_BACTERIAL_LABEL_NAMES, "single_label_classification", "covid19_collection"),
+                          VIRAL_BACTERIAL_LABEL_NAMES, "single_label_classification", "covid19_collection",
+                          display_name="COVID-19 Image Data Collection (viral vs bacterial)"),
         # No split lists (`default_split_dir` is not a folder): official test/ as test, seeded patient-level validation.
         TargetDatasetSpec("kermany_pneumonia", functools.partial(load_kermany_pneumonia, task="pneumonia"),
                           KERMANY_PNEUMONIA_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
-                          KERMANY_LICENSE, KERMANY_CITATION),
+                          KERMANY_LICENSE, KERMANY_CITATION,
+                          display_name="Kermany pediatric chest X-rays (normal vs pneumonia)"),
         TargetDatasetSpec("kermany_bacterial_viral", functools.partial(load_kermany_pneumonia, task="bacterial_viral"),
                           KERMANY_BACTERIAL_VIRAL_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
-                          KERMANY_LICENSE, KERMANY_CITATION),
+                          KERMANY_LICENSE, KERMANY_CITATION,
+                          display_name="Kermany pediatric chest X-rays (normal / bacterial / viral pneumonia)"),
         # MRM's downstream tasks with MRM's split lists (splits/mrm/...; label_ratio=0.01 / 0.1 / 1.0 picks its
         # train_1 / train_10 / train_list). SIIM also has a `mask` column (pneumothorax segmentation).
         TargetDatasetSpec("chexpert", load_chexpert, CHEXPERT_LABEL_NAMES, "multi_label_classification",
-                          "mrm/CheXpert", CHEXPERT_LICENSE, CHEXPERT_CITATION),
+                          "mrm/CheXpert", CHEXPERT_LICENSE, CHEXPERT_CITATION, display_name="CheXpert"),
         TargetDatasetSpec("rsna_pneumonia", load_rsna_pneumonia, RSNA_PNEUMONIA_LABEL_NAMES,
                           "single_label_classification", "mrm/RSNA_Pneumonia", RSNA_PNEUMONIA_LICENSE,
-                          RSNA_PNEUMONIA_CITATION),
+                          RSNA_PNEUMONIA_CITATION, display_name="RSNA Pneumonia Detection Challenge"),
         TargetDatasetSpec("siim_acr_pneumothorax", load_siim_acr_pneumothorax, SIIM_LABEL_NAMES,
-                          "single_label_classification", "mrm/SIIM-ACR_Pneumothorax", SIIM_LICENSE, SIIM_CITATION),
+                          "single_label_classification", "mrm/SIIM-ACR_Pneumothorax", SIIM_LICENSE, SIIM_CITATION,
+                          display_name="SIIM-ACR Pneumothorax"),
         # Your own data: label names and problem type come from the data (`TargetDatasetSpec.with_labels_of`).
-        TargetDatasetSpec("labelled_images", load_labelled_images, (), "", "labelled_images"),
+        TargetDatasetSpec("labelled_images", load_labelled_images, (), "", "labelled_images",
+                          display_name="a folder of labelled images"),
     )
 }
 
-SOURCE_DATASETS: dict[str, Callable[..., DatasetDict]] = {
-    "mimic_cxr": load_mimic_cxr,
-    "iu_xray": load_iu_xray,
-    "study_folder": load_study_folder,
-    "covid19_studies": load_covid19_studies,
-    "kermany_paired_reports": load_kermany_paired_reports,
+
+
+@dataclass(frozen=True)
+class SourceDatasetSpec:
+    """A pretraining data set (studies with reports): its loader `loader(data_dir, ...) -> DatasetDict` and how cards
+    and reports name it."""
+
+    name: str
+    loader: Callable[..., DatasetDict]
+    display_name: str
+
+
+SOURCE_DATASETS: dict[str, SourceDatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        SourceDatasetSpec("mimic_cxr", load_mimic_cxr, "MIMIC-CXR"),
+        SourceDatasetSpec("iu_xray", load_iu_xray, "IU X-ray (Open-i)"),
+        SourceDatasetSpec("study_folder", load_study_folder, "a folder of studies with reports"),
+        SourceDatasetSpec("covid19_studies", load_covid19_studies,
+                          "COVID-19 Image Data Collection studies (clinical notes as reports)"),
+        SourceDatasetSpec("kermany_paired_reports", load_kermany_paired_reports,
+                          "Kermany pediatric radiographs paired by finding with Open-i reports of other patients "
+                          "(a controlled check, not paired clinical data)"),
+    )
 }
+
+
+def dataset_display_name(name: str) -> str:
+    """How cards and reports name a registry data set (`TARGET_DATASETS` or `SOURCE_DATASETS`), e.g.
+    "nih_chestxray14" -> "NIH ChestX-ray14"; a name the registry does not know is returned as it is."""
+    spec = TARGET_DATASETS.get(name) or SOURCE_DATASETS.get(name)
+    return (spec.display_name or spec.name) if spec is not None else name
 
 
 def load_target_dataset(name: str, data_dir, **kwargs) -> DatasetDict:
@@ -146,11 +206,12 @@ def load_source_dataset(name: str, *args, **kwargs) -> DatasetDict:
     """`SOURCE_DATASETS[name](*args, **kwargs)`; ValueError listing the valid names otherwise."""
     if name not in SOURCE_DATASETS:
         raise ValueError(f"unknown source data set {name!r}; valid names: {', '.join(sorted(SOURCE_DATASETS))}")
-    return SOURCE_DATASETS[name](*args, **kwargs)
+    return SOURCE_DATASETS[name].loader(*args, **kwargs)
 
 
 __all__ = [
-    "SAMPLE_DATA_DIR", "SPLITS", "InvalidDataError", "TargetDatasetSpec", "TARGET_DATASETS", "SOURCE_DATASETS",
+    "SAMPLE_DATA_DIR", "check_data_dir", "SPLITS", "InvalidDataError", "TargetDatasetSpec", "TARGET_DATASETS",
+    "SourceDatasetSpec", "SOURCE_DATASETS", "dataset_display_name",
     "load_target_dataset", "load_source_dataset", "load_mimic_cxr", "load_iu_xray", "load_study_folder",
     "load_covid19_studies", "load_nih_chestxray14", "load_vinbigdata", "load_shenzhen_tb", "load_covid19_collection",
     "sample_label_ratio", "select_by_ids", "extract_findings_impression", "dicom_to_uint8", "NIH_LABEL_NAMES",

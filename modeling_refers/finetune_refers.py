@@ -395,19 +395,6 @@ def describe_data(spec, data_dir, full, train_set, eval_set, test_set) -> dict:
     }
 
 
-def data_attribution(spec) -> str:
-    """The card's "Fine-tuning data licence" section from the registry entry's `license` and `citation` ("" when the
-    registry records neither)."""
-    if not (spec.license or spec.citation):
-        return ""
-    text = f"{dataset_display_name(spec.name)}"
-    if spec.license:
-        text += f", licence `{spec.license}`"
-    if spec.citation:
-        text += f". Attribution: {spec.citation}"
-    return f"## Fine-tuning data licence\n\n{text}\n"
-
-
 def scores_from_logits(logits: np.ndarray, problem_type: str) -> np.ndarray:
     """Probabilities: sigmoid per class (multi-label) or softmax over classes (single-label). `logits` may be the
     Trainer's tuple of output fields (`logits`, `view_weights`): the first is the logits."""
@@ -606,7 +593,7 @@ def main(argv=None) -> dict:
                 base_model=model_args.model_name_or_path if model_args.model_name_or_path and
                 is_hub_id(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path)
                 else None,
-                datasets=[spec.name], repo_id=training_args.hub_model_id, extra_body=data_attribution(spec))
+                datasets=[spec.name], repo_id=training_args.hub_model_id)  # the data licence: from the registry
             save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
             trainer.model_card = card
     if training_args.push_to_hub and training_args.do_train:

@@ -1,7 +1,9 @@
 """Hub model cards for REFERS checkpoints, built from `results.json` dicts by code.
 
 The YAML metadata is built with huggingface_hub's `ModelCardData` / `EvalResult` (model-index with one `roc_auc`
-metric for the mean AUC and one per class); the Markdown body renders the same numbers as a table.
+metric for the mean AUC and one per class); `ModelCard.from_template` renders it with the Markdown body from
+`model_card_template.md` (a Jinja template: the layout and fixed text), which shows the same numbers as a table.
+Data set names, licences and attributions come from the datasets_scripts registry entries.
 
 `results.json` schema (written by `examples/run_finetune.py`):
 `{"dataset": str, "label_names": [str], "per_class_auc": {name: float | null}, "mean_auc": float | null,
@@ -29,23 +31,8 @@ from .file_utils import atomic_open
 
 DEFAULT_TAGS = ("refers", "chest-x-ray", "medical-imaging", "vision-transformer")
 
-DATASET_DISPLAY_NAMES = {
-    "nih_chestxray14": "NIH ChestX-ray14",
-    "vinbigdata": "VinBigData Chest X-ray",
-    "shenzhen_tb": "Shenzhen Tuberculosis",
-    "covid19_collection": "COVID-19 Image Data Collection",
-    "covid19": "COVID-19 Image Data Collection (COVID-19 vs other)",
-    "covid19_viral_bacterial": "COVID-19 Image Data Collection (viral vs bacterial)",
-    "kermany_pneumonia": "Kermany pediatric chest X-rays (normal vs pneumonia)",
-    "kermany_bacterial_viral": "Kermany pediatric chest X-rays (normal / bacterial / viral pneumonia)",
-    # pretraining (source) data: studies with their free-text reports
-    "mimic_cxr": "MIMIC-CXR",
-    "iu_xray": "IU X-ray (Open-i)",
-    "covid19_studies": "COVID-19 Image Data Collection studies (clinical notes as reports)",
-    "study_folder": "a folder of studies with reports",
-    "kermany_paired_reports": ("Kermany pediatric radiographs paired by finding with Open-i reports of other patients "
-                               "(a controlled check, not paired clinical data)"),
-}
+# The card's layout (a Jinja template rendered by huggingface_hub's `ModelCard.from_template`); the code fills it.
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 
 REFERS_CITATION = """\
 @article{zhou2022refers,
@@ -70,15 +57,6 @@ RESULTS_KEYS = {
     "config": dict,
     "label_ids_path": (str, type(None)),
 }
-
-_PRETRAINING_DATA = (
-    "REFERS pretraining, as in the paper and the defaults of `examples/run_pretrain.py`, uses MIMIC-CXR-JPG "
-    "studies with their free-text reports (findings and impression sections only; studies whose text has fewer "
-    "than 3 tokens are dropped, about 217k studies remain; 4,600 studies held out for validation). Each study "
-    "contributes up to 3 views. The radiograph transformer is supervised by report generation (a transformer "
-    "decoder reconstructs the report from the fused views) and by study-report contrastive learning against a "
-    "BERT report encoder."
-)
 
 
 OPTIONAL_KEYS = {"init_from": (str, type(None)), "data": (dict, type(None)), "training": (dict, type(None))}
@@ -160,10 +138,16 @@ def _normalize_results(results) -> list[dict]:
 
 
 def dataset_display_name(dataset: str) -> str:
-    """Human-readable name of a `datasets_scripts` builder name (e.g. "nih_chestxray14" -> "NIH ChestX-ray14")."""
+    """Human-readable name of a `datasets_scripts` registry name: its entry's `display_name`; "name:task" gives
+    "display name (task)", a name the registry does not know is returned as it is."""
+    # Imported here: datasets_scripts imports modeling_refers.file_utils, so a module-level import would be circular.
+    from datasets_scripts import SOURCE_DATASETS, TARGET_DATASETS
+    from datasets_scripts import dataset_display_name as registry_name
+
     base, _, task = dataset.partition(":")
-    name = DATASET_DISPLAY_NAMES.get(base, dataset)
-    return f"{name} ({task})" if task and base in DATASET_DISPLAY_NAMES else name
+    if base not in TARGET_DATASETS and base not in SOURCE_DATASETS:
+        return dataset
+    return f"{registry_name(base)} ({task})" if task else registry_name(base)
 
 
 def _eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
@@ -190,7 +174,7 @@ def _eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
 
 
 def _test_set_name(r: dict) -> str:
-    """The evaluation set as what it is (e.g. "NIH ChestX-ray14, folder `nih_chestxray14_sample` (a 1,000-image
+    """The evaluation set as what it is (e.g. "<display name>, folder `nih_chestxray14_sample` (a 1,000-image
     subset ...), 64x64 px: test split of 181 images"), or the data set's name when the results do not say."""
     data = r.get("data") or {}
     return str(data.get("test_set") or dataset_display_name(r["dataset"])).replace("`", "")
@@ -226,150 +210,87 @@ def _fmt_auc(value) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
 
-def _results_section(results: list[dict]) -> str:
-    lines = ["## Results", ""]
-    lines.append(
-        "Area under the ROC curve on the test split (one-vs-rest per class, scikit-learn `roc_auc_score`), as a "
-        "fraction. The mean is over the classes with a defined AUC; a class whose test labels are all one value "
-        "has no AUC and is marked *undefined*."
-    )
+def _result_section(r: dict) -> dict:
+    """One test set's entry of the template's Results section: its facts, the AUC table and the settings tables."""
+    data = r.get("data") or {}
+    used = data.get("used_images") or {}
+    train_images = used.get("train", r.get("num_train_images"))
+    facts = [f"- evaluated on: {data['test_set']}"] if data.get("test_set") else []
+    facts += [
+        f"- label ratio: {_pct(r['label_ratio'])} of the training labels"
+        + (f" ({train_images} labelled training images)" if train_images is not None else ""),
+        f"- initialisation: {_init_text(r)}",
+        f"- seed: {r['seed']}",
+    ]
+    if used.get("validation") is not None:
+        facts.append(f"- validation images (checkpoint selection): {used['validation']}")
+    trained = _training_text(r.get("training") or {})
+    if trained:
+        facts.append(f"- trained for {trained}")
+    if r["label_ids_path"]:
+        facts.append(f"- training label ids: `{_public(r['label_ids_path'])}`")
+    settings = []
+    for heading, table in (("Training settings", r.get("training") or {}), ("Configuration", r["config"])):
+        rows = [(k, json.dumps(_public(v))) for k, v in sorted(table.items())
+                if (isinstance(v, (str, int, float, bool)) or v is None) and not k.startswith("_")]
+        if rows:
+            settings.append((heading, rows))
+    return {"title": dataset_display_name(r["dataset"]), "facts": facts, "mean": _fmt_auc(r["mean_auc"]),
+            "aucs": [(name, _fmt_auc(auc)) for name, auc in r["per_class_auc"].items()], "settings": settings}
+
+
+def _summary(results: list[dict]) -> str:
+    """The card's opening sentence: what the model is."""
+    if not results:
+        return ("A REFERS radiograph transformer (ViT): the image encoder pretrained with report supervision, to be "
+                "fine-tuned on chest X-ray tasks with few labels.")
+    datasets_text = ", ".join(_test_set_name(r) for r in results)
+    inits = ", ".join(dict.fromkeys(_init_text(r) for r in results))
+    backbones = {(r.get("config") or {}).get("backbone") or "vit" for r in results}
+    encoder = ("A radiograph transformer (ViT, REFERS architecture)" if backbones == {"vit"}
+               else f"A {' / '.join(sorted(backbones))} CNN (timm, REFERS view encoder)")
+    return f"{encoder} fine-tuned for chest X-ray classification on {datasets_text}, initialised from {inits}."
+
+
+def _training_data(results: list[dict]) -> str:
+    """The generated "Training data" text: one line per fine-tuning data set, or the REFERS pretraining data."""
+    if not results:
+        return ""  # the template's text on the REFERS pretraining data
+    lines = []
     for r in results:
-        lines += ["", f"### {dataset_display_name(r['dataset'])}", ""]
         data = r.get("data") or {}
-        if data.get("test_set"):
-            lines.append(f"- evaluated on: {data['test_set']}")
         used = data.get("used_images") or {}
-        train_images = used.get("train", r.get("num_train_images"))
-        lines += [
-            f"- label ratio: {_pct(r['label_ratio'])} of the training labels"
-            + (f" ({train_images} labelled training images)" if train_images is not None else ""),
-            f"- initialisation: {_init_text(r)}",
-            f"- seed: {r['seed']}",
-        ]
-        if used.get("validation") is not None:
-            lines.append(f"- validation images (checkpoint selection): {used['validation']}")
+        where = dataset_display_name(r["dataset"])
+        if data.get("folder"):
+            where += f", folder `{_public(data['folder'])}`"
+        count = f" ({used['train']} images)" if used.get("train") is not None else ""
         trained = _training_text(r.get("training") or {})
-        if trained:
-            lines.append(f"- trained for {trained}")
-        if r["label_ids_path"]:
-            lines.append(f"- training label ids: `{_public(r['label_ids_path'])}`")
-        lines += ["", "| Class | AUC |", "|---|---|"]
-        lines += [f"| {name} | {_fmt_auc(auc)} |" for name, auc in r["per_class_auc"].items()]
-        lines.append(f"| **Mean** | **{_fmt_auc(r['mean_auc'])}** |")
-        for title, table in (("Training settings", r.get("training") or {}), ("Configuration", r["config"])):
-            scalars = {k: _public(v) for k, v in sorted(table.items())
-                       if (isinstance(v, (str, int, float, bool)) or v is None) and not k.startswith("_")}
-            if scalars:
-                lines += ["", f"<details><summary>{title}</summary>", ""]
-                lines += ["| Setting | Value |", "|---|---|"]
-                lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in scalars.items()]
-                lines += ["", "</details>"]
+        lines.append(
+            f"- {where} (`{r['dataset']}`): {_pct(r['label_ratio'])} of the training split's labels{count} "
+            f"(seed {r['seed']}), initialised from {_init_text(r)}"
+            + (f", trained for {trained}" if trained else "")
+            + "; the checkpoint with the best validation mean AUC is kept and evaluated once on the test split."
+        )
     return "\n".join(lines)
 
 
-def _body(
-    model_name: str, repo_id: str, results: list[dict], pipeline_tag: str, base_model, training_data, extra_body: str
-) -> str:
-    fine_tuned = bool(results)
-    out = [f"# {model_name}", ""]
-    if fine_tuned:
-        datasets_text = ", ".join(_test_set_name(r) for r in results)
-        inits = ", ".join(dict.fromkeys(_init_text(r) for r in results))
-        backbones = {(r.get("config") or {}).get("backbone") or "vit" for r in results}
-        encoder = ("A radiograph transformer (ViT, REFERS architecture)" if backbones == {"vit"}
-                   else f"A {' / '.join(sorted(backbones))} CNN (timm, REFERS view encoder)")
-        out.append(
-            f"{encoder} fine-tuned for chest X-ray classification on {datasets_text}, initialised from {inits}."
-        )
-    else:
-        out.append(
-            "A REFERS radiograph transformer (ViT): the image encoder pretrained with report supervision, to be "
-            "fine-tuned on chest X-ray tasks with few labels."
-        )
-    out += [
-        "",
-        "REFERS (Zhou et al., *Nature Machine Intelligence* 4, 32-40, 2022) learns radiograph representations from "
-        "free-text radiology reports instead of labels: a vision transformer encodes each view of a study, the views "
-        "are fused, and the fused study representation is trained to generate the study's report and to match the "
-        "report's text embedding (contrastive study-report consistency). The pretrained transformer is then "
-        "fine-tuned with 1%, 10% or 100% of the labels of a target data set.",
-    ]
-    if base_model:
-        bases = [base_model] if isinstance(base_model, str) else list(base_model)
-        out += ["", "Fine-tuned from " + ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases) + "."]
+def _data_licences(results: list[dict]) -> list[str]:
+    """Licence and attribution of each fine-tuning data set whose registry entry records them (datasets_scripts'
+    `TargetDatasetSpec.license` / `.citation`)."""
+    from datasets_scripts import TARGET_DATASETS
 
-    out += ["", "## How to use", "", "```python"]
-    out.append("import modeling_refers  # registers the REFERS classes with the Auto API")
-    out.append("from PIL import Image")
-    if fine_tuned:
-        out += [
-            "from transformers import AutoImageProcessor, AutoModelForImageClassification",
-            "",
-            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}")',
-            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
-            'image = Image.open("chest_xray.png")',
-            'inputs = processor(images=image, return_tensors="pt")',
-            "scores = model(**inputs).logits.sigmoid()  # multi-label; use .softmax(-1) for single-label tasks",
-        ]
-    else:
-        out += [
-            "from transformers import AutoImageProcessor, AutoModel",
-            "",
-            f'model = AutoModel.from_pretrained("{repo_id}")',
-            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
-            'image = Image.open("chest_xray.png")',
-            'features = model(**processor(images=image, return_tensors="pt")).last_hidden_state',
-        ]
-    out += ["```", "", "Without the `refers` package installed, pass `trust_remote_code=True`."]
-
-    out += ["", "## Intended use", ""]
-    out.append(
-        "Research on label-efficient chest X-ray representation learning: feature extraction, fine-tuning and "
-        "benchmarking against other initialisations. **Not for diagnosis.** This model is not a medical device, "
-        "has not been validated clinically, and must not be used to make or support clinical decisions about "
-        "patients."
-    )
-
-    out += ["", "## Training data", ""]
-    if training_data:
-        out.append(training_data)
-    elif fine_tuned:
-        for r in results:
-            data = r.get("data") or {}
-            used = data.get("used_images") or {}
-            where = dataset_display_name(r["dataset"])
-            if data.get("folder"):
-                where += f", folder `{_public(data['folder'])}`"
-            count = f" ({used['train']} images)" if used.get("train") is not None else ""
-            trained = _training_text(r.get("training") or {})
-            out.append(
-                f"- {where} (`{r['dataset']}`): {_pct(r['label_ratio'])} of the training split's labels{count} "
-                f"(seed {r['seed']}), initialised from {_init_text(r)}"
-                + (f", trained for {trained}" if trained else "")
-                + "; the checkpoint with the best validation mean AUC is kept and evaluated once on the test split."
-            )
-    else:
-        out.append(_PRETRAINING_DATA)
-
-    if results:
-        out += ["", _results_section(results)]
-
-    out += ["", "## Limitations", ""]
-    out += [
-        "- The encoder has only seen its pretraining data (see Training data), usually one hospital system or "
-        "collection; performance can drop on other scanners, populations, age groups and acquisition protocols.",
-        "- Target labels of public chest X-ray sets (e.g. NIH ChestX-ray14) are mined from reports by NLP and are "
-        "noisy; AUCs measured against them inherit that noise.",
-        "- AUC on small test splits has wide confidence intervals, and a class with no positive (or no negative) "
-        "test image has no AUC at all; compare settings over several seeds.",
-        "- AUC measures ranking only: it says nothing about calibration or about a decision threshold.",
-        "- Input images are single-channel radiographs resized to the model's input size; other modalities or "
-        "views (e.g. lateral views for a frontal-only fine-tune) are out of scope.",
-    ]
-    if extra_body:
-        out += ["", extra_body.strip()]
-    out += ["", "## Citation", "", "```bibtex", REFERS_CITATION, "```", ""]
-    return "\n".join(out)
+    texts = []
+    for name in dict.fromkeys(r["dataset"].partition(":")[0] for r in results):
+        spec = TARGET_DATASETS.get(name)
+        if spec is None or not (spec.license or spec.citation):
+            continue
+        text = dataset_display_name(name)
+        if spec.license:
+            text += f", licence `{spec.license}`"
+        if spec.citation:
+            text += f". Attribution: {spec.citation}"
+        texts.append(text)
+    return texts
 
 
 def make_model_card(
@@ -427,8 +348,20 @@ def make_model_card(
         model_name=model_name if checked else None,  # only the model-index uses it
         eval_results=_eval_results(checked, pipeline_tag) or None,
     )
-    body = _body(model_name, repo_id or model_name, checked, pipeline_tag, base_model, training_data, extra_body)
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=model_name,
+        summary=_summary(checked),
+        base_models=[base_model] if isinstance(base_model, str) else list(base_model or ()),
+        fine_tuned=bool(checked),
+        repo_id=repo_id or model_name,
+        training_data=training_data or _training_data(checked),
+        results=[_result_section(r) for r in checked],
+        data_licences=_data_licences(checked),
+        extra_body=extra_body.strip(),
+        citation=REFERS_CITATION,
+    )
 
 
 def load_results(path: str | os.PathLike) -> dict:

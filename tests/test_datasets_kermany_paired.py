@@ -88,7 +88,7 @@ def test_reports_are_reused_evenly_and_the_pairing_follows_the_seed(paired, kerm
 
 
 def test_registered_as_a_source_data_set_and_clear_errors(kermany_dir, tmp_path):
-    assert SOURCE_DATASETS["kermany_paired_reports"] is load_kermany_paired_reports
+    assert SOURCE_DATASETS["kermany_paired_reports"].loader is load_kermany_paired_reports
     with pytest.raises(FileNotFoundError, match="reports_path"):
         load_kermany_paired_reports(kermany_dir, reports_path=tmp_path / "missing.tgz")
     with pytest.raises(ValueError, match="val_fraction"):

@@ -228,3 +228,42 @@ def test_a_cnn_classifier_card_does_not_call_it_a_vision_transformer():
     assert "A radiograph transformer (ViT" not in text
     assert "A radiograph transformer (ViT, REFERS architecture) fine-tuned" in str(
         make_model_card(_results(), model_name="refers-nih"))
+
+
+@pytest.mark.parametrize("name", ["chexpert", "rsna_pneumonia", "siim_acr_pneumothorax", "kermany_pneumonia", "nih_chestxray14"])
+def test_every_registry_data_set_gets_its_name_licence_and_attribution_from_the_registry(name):
+    """One place per data set fact: the card's name, licence and attribution are the registry entry's, so a data set
+    added to datasets_scripts gets a card without touching model_card.py."""
+    from datasets_scripts import TARGET_DATASETS
+
+    spec = TARGET_DATASETS[name]
+    labels = list(spec.label_names)[:2]
+    results = _results(dataset=name, label_names=labels, per_class_auc=dict(zip(labels, [0.5, 0.75])), mean_auc=0.625)
+    card = make_model_card(results, model_name=f"refers-{name}")
+    text = card.text
+    assert spec.display_name and f"### {spec.display_name}\n" in text
+    assert f"- {spec.display_name} (`{name}`): 1% of the training split's labels" in text
+    assert card.data.to_dict()["model-index"][0]["results"][0]["dataset"]["name"] == spec.display_name
+    if spec.license or spec.citation:
+        section = text.split("## Fine-tuning data licence\n\n", 1)[1].split("\n\n## Citation", 1)[0]
+        assert section == f"{spec.display_name}, licence `{spec.license}`. Attribution: {spec.citation}"
+    else:
+        assert "## Fine-tuning data licence" not in text
+    # the template keeps the sections in order
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## How to use", "## Intended use", "## Training data", "## Results", "## Limitations",
+                        *(["## Fine-tuning data licence"] if spec.license or spec.citation else []), "## Citation"]
+
+
+def test_model_card_keeps_no_table_of_data_set_facts():
+    """The display names, licences and citations live on the registry entries only (no second table to drift)."""
+    import modeling_refers.model_card as model_card
+    from datasets_scripts import SOURCE_DATASETS, TARGET_DATASETS
+
+    source = Path(model_card.__file__).read_text()
+    for spec in [*TARGET_DATASETS.values(), *SOURCE_DATASETS.values()]:
+        assert spec.display_name, spec.name
+        assert spec.display_name not in source, spec.display_name
+        assert model_card.dataset_display_name(spec.name) == spec.display_name
+    assert model_card.dataset_display_name("nih_chestxray14:Atelectasis") == "NIH ChestX-ray14 (Atelectasis)"
+    assert model_card.dataset_display_name("my_own_set") == "my_own_set"
