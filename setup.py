@@ -12,8 +12,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
-    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md", "model_card_template.md"]},
+    # sample_data/ (the small real sample in the layout of ../shared/data, 7 MB) ships inside the package as
+    # datasets_scripts/sample_data, so the scripts' default --data_dir exists after a plain `pip install .` too;
+    # datasets_scripts.SAMPLE_DATA_DIR finds it there, or beside the package in a source checkout.
+    packages=[*find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
+              "datasets_scripts.sample_data"],
+    package_dir={"datasets_scripts.sample_data": "sample_data"},
+    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md", "model_card_template.md"],
+                  "datasets_scripts.sample_data": ["**/*"]},
+    exclude_package_data={"datasets_scripts.sample_data": ["**/__pycache__/*", "**/*.pyc"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
-from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, load_source_dataset
+from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
 from . import (
     RefersConfig,
@@ -247,6 +247,8 @@ def check_inputs(model_args, data_args, training_args) -> None:
     if model_args.vision_weights and not os.path.isfile(model_args.vision_weights):
         raise FileNotFoundError(f"--vision_weights {model_args.vision_weights!r}: no such file (a local timm ViT "
                                 ".pth / .safetensors state dict)")
+    if not data_args.prepared_data_dir:  # e.g. the default sample, in an installation without it: say what to pass
+        check_data_dir(data_args.data_dir, what=f"the {data_args.dataset_name} folder (or pass --prepared_data_dir)")
 
 
 def folder_sha256(path: str | None) -> dict | None:

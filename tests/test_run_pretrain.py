@@ -183,8 +183,12 @@ def test_the_pretraining_card_says_what_was_trained_on_without_local_paths(tmp_p
 
 def test_bad_inputs_are_named_and_nothing_is_written(tmp_path, shared_data_dir, run_pretrain):
     out = tmp_path / "run"
-    with pytest.raises(Exception, match="metadata.csv"):
+    with pytest.raises(FileNotFoundError, match=r"--data_dir '.*nowhere': no such folder; pass --data_dir with the "
+                                                 r"covid19_studies folder \(or pass --prepared_data_dir\)"):
         run_pretrain(["--output_dir", str(out), "--data_dir", str(tmp_path / "nowhere"), "--do_train"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="metadata.csv"):
+        run_pretrain(["--output_dir", str(out), "--data_dir", str(tmp_path / "empty"), "--do_train"])
     for bad, match in ((["--model_name_or_path", str(tmp_path / "missing")], r"--model_name_or_path .*no such folder"),
                        (["--vision_weights", str(tmp_path / "vit.pth")], r"--vision_weights .*no such file"),
                        (["--recipe", "fast"], r"--recipe must be one of \['adamw', 'mrm', 'official', 'paper'\]"),
