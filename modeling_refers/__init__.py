@@ -10,6 +10,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from .configuration_joimternet import JoImTeRNetConfig
+from .configuration_mrm import MRMConfig
+from .configuration_radtex import RadTexConfig
 from .configuration_refers import RefersConfig
 from .evaluation import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
 from .image_processing_refers import RefersImageProcessor, load_dicom, load_radiograph, window_to_uint8
@@ -25,9 +28,9 @@ from .modeling_refers import (
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
-from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
-from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
-from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
+from .modeling_joimternet import JoImTeRNetForImageClassification, JoImTeRNetForPreTraining, JoImTeRNetModel
+from .modeling_mrm import MRMForImageClassification, MRMForPreTraining, MRMModel
+from .modeling_radtex import RadTexForImageClassification, RadTexForPreTraining, RadTexModel
 
 
 AutoConfig.register("refers", RefersConfig, exist_ok=True)
@@ -40,6 +43,28 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 AutoProcessor.register(RefersConfig, RefersProcessor, exist_ok=True)
+
+# Every pretraining method is its own model_type: its folder loads as its own class with every Auto class, and its
+# backbone / classifier are REFERS's (subclasses that only name the method's configuration, as transformers requires).
+METHOD_AUTO_CLASSES = {
+    MRMConfig: (MRMModel, MRMForImageClassification, MRMForPreTraining),
+    JoImTeRNetConfig: (JoImTeRNetModel, JoImTeRNetForImageClassification, JoImTeRNetForPreTraining),
+    RadTexConfig: (RadTexModel, RadTexForImageClassification, RadTexForPreTraining),
+}
+for _config_class, (_base, _classifier, _pretraining) in METHOD_AUTO_CLASSES.items():
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModel.register(_config_class, _base, exist_ok=True)
+    AutoModelForImageClassification.register(_config_class, _classifier, exist_ok=True)
+    AutoModelForPreTraining.register(_config_class, _pretraining, exist_ok=True)
+    AutoImageProcessor.register(
+        _config_class, image_processor_classes={"pil": RefersImageProcessor, "torchvision": RefersImageProcessor},
+        exist_ok=True,
+    )
+    AutoProcessor.register(_config_class, RefersProcessor, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _base.register_for_auto_class("AutoModel")
+    _classifier.register_for_auto_class("AutoModelForImageClassification")
+    _pretraining.register_for_auto_class("AutoModelForPreTraining")
 
 # A folder written by save_pretrained carries `auto_map` and the modeling files, so it loads with
 # trust_remote_code=True where this package is not installed.
@@ -55,6 +80,15 @@ RefersBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "RefersBackbone",
+    "JoImTeRNetConfig",
+    "JoImTeRNetForImageClassification",
+    "JoImTeRNetModel",
+    "MRMConfig",
+    "MRMForImageClassification",
+    "MRMModel",
+    "RadTexConfig",
+    "RadTexForImageClassification",
+    "RadTexModel",
     "RefersConfig",
     "RefersImageProcessor",
     "RefersProcessor",

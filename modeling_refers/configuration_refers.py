@@ -42,6 +42,15 @@ def _decoder_alias(name: str, fields: tuple[str, ...]) -> property:
 
     return property(get, set, doc=f"Alias of `decoder_config.{fields[0]}`.")
 VIEW_FUSION_MODES = ("softmax", "sigmoid_gate")
+
+
+class RefersDecoderConfig(BertConfig):
+    """The report decoder's `BertConfig`. Its own class only for `base_config_key`: a REFERS folder holds two BERT
+    sub-configs (`text_config`, `decoder_config`), and `RefersDecoderConfig.from_pretrained(folder)` must read the
+    decoder's, not the last `bert` dict of the file (what a plain `BertConfig` takes)."""
+
+    base_config_key = "decoder_config"
+
 TEXT_POOLING_MODES = ("pooler", "mean", "cls")
 CLASSIFIER_POOLING_MODES = ("cls", "mean")
 
@@ -139,18 +148,12 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
         freeze_text_encoder (`bool`, defaults to `False`): keep the text encoder's weights fixed.
         tie_word_embeddings (`bool`, defaults to `True`): tie the report decoder's output weights to its input
             embeddings (official code); `False` keeps (and saves) a separate output layer.
-        mrm_mask_ratio (`float`, defaults to 0.75), mrm_norm_pix_loss (`bool`, defaults to `True`),
-        mrm_reconstruction_size (`int`, *optional*), mrm_decoder_hidden_size (512), mrm_decoder_num_hidden_layers (8),
-        mrm_decoder_num_attention_heads (16), mrm_decoder_intermediate_size (2048), mrm_report_mask_ratio (0.5):
-            MRM's image branch (the share of patches masked, per-patch normalised targets, a larger target image for
-            the official code's super-resolution, e.g. 448 for 224, and the light MAE decoder) and the share of report
-            words masked. Read by `MRMForPreTraining` only.
     """
 
     model_type = "refers"
     sub_configs_defaults = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
-        "decoder_config": SubConfigSpec(config_class=BertConfig, init_kwargs=DEFAULT_DECODER_CONFIG),
+        "decoder_config": SubConfigSpec(config_class=RefersDecoderConfig, init_kwargs=DEFAULT_DECODER_CONFIG),
     }
 
     backbone: str = "vit"
@@ -190,16 +193,6 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
     use_study_report_consistency: bool = True
     freeze_text_encoder: bool = False
     tie_word_embeddings: bool = True
-    # MRM (masked record modeling; Zhou et al., ICLR 2023): read only by MRMForPreTraining
-    mrm_mask_ratio: float = 0.75
-    mrm_norm_pix_loss: bool = True
-    mrm_reconstruction_size: int | None = None
-    mrm_decoder_hidden_size: int = 512
-    mrm_decoder_num_hidden_layers: int = 8
-    mrm_decoder_num_attention_heads: int = 16
-    mrm_decoder_intermediate_size: int = 2048
-    mrm_report_mask_ratio: float = 0.5
-
     # RefersBackbone (AutoBackbone, e.g. under UperNet): `out_features` / `out_indices` (BackboneConfigMixin; None until
     # given: the backbone then takes the last stage) and the Feature2Pyramid rescaling of its feature maps.
     _out_features: list[str] | None = None
@@ -254,14 +247,14 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
                      "decoder_num_attention_heads", "decoder_intermediate_size", "max_report_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"RefersConfig.{name} must be a positive integer, got {value!r}.")
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
         if self.backbone == "vit" and self.image_size % self.patch_size != 0:
             raise ValueError(
-                f"RefersConfig.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
+                f"{type(self).__name__}.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
             )
         if self.backbone == "vit" and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"RefersConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
         if self.backbone != "vit":
@@ -269,21 +262,21 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
 
             if not timm.is_model(self.backbone):
                 raise ValueError(
-                    f"RefersConfig.backbone must be 'vit' (the radiograph transformer) or the name of a timm CNN (e.g. "
+                    f"{type(self).__name__}.backbone must be 'vit' (the radiograph transformer) or the name of a timm CNN (e.g. "
                     f"resnet50, resnet101, densenet121); timm has no model {self.backbone!r}."
                 )
             if self.aggregation != "none":
                 raise ValueError(
-                    f"RefersConfig.aggregation={self.aggregation!r} is a radiograph-transformer choice; a CNN backbone "
+                    f"{type(self).__name__}.aggregation={self.aggregation!r} is a radiograph-transformer choice; a CNN backbone "
                     f"({self.backbone}) pools its last feature map: set aggregation='none'."
                 )
         if self.aggregation not in AGGREGATION_MODES:
             raise ValueError(
-                f"RefersConfig.aggregation must be one of {AGGREGATION_MODES}, got {self.aggregation!r}."
+                f"{type(self).__name__}.aggregation must be one of {AGGREGATION_MODES}, got {self.aggregation!r}."
             )
         if self.text_pooling not in TEXT_POOLING_MODES:
             raise ValueError(
-                f"RefersConfig.text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}."
+                f"{type(self).__name__}.text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}."
             )
         if self.classifier_pooling not in CLASSIFIER_POOLING_MODES:
             raise ValueError(f"{type(self).__name__}.classifier_pooling must be one of {CLASSIFIER_POOLING_MODES}, "
@@ -299,50 +292,47 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
                              f"{self.classifier_initializer_range!r}.")
         if self.view_fusion not in VIEW_FUSION_MODES:
             raise ValueError(
-                f"RefersConfig.view_fusion must be one of {VIEW_FUSION_MODES}, got {self.view_fusion!r}."
+                f"{type(self).__name__}.view_fusion must be one of {VIEW_FUSION_MODES}, got {self.view_fusion!r}."
             )
         if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
             raise ValueError(
-                f"RefersConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
+                f"{type(self).__name__}.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
                 f"decoder_num_attention_heads ({self.decoder_num_attention_heads})."
             )
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
-            raise ValueError(f"RefersConfig.projection_dim must be a positive integer or None, got {self.projection_dim!r}.")
+            raise ValueError(f"{type(self).__name__}.projection_dim must be a positive integer or None, got {self.projection_dim!r}.")
         if not self.use_study_projection and self.contrastive_dim != self.study_width:
             raise ValueError(
-                f"RefersConfig.projection_dim ({self.contrastive_dim}) must equal the study width ({self.study_width}: "
+                f"{type(self).__name__}.projection_dim ({self.contrastive_dim}) must equal the study width ({self.study_width}: "
                 "num_views * hidden_size with view fusion, hidden_size without) when use_study_projection=False (the "
                 "study feature enters InfoNCE unprojected); set use_study_projection=True for another width."
             )
         if self.contrastive_temperature <= 0:
-            raise ValueError(f"RefersConfig.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
+            raise ValueError(f"{type(self).__name__}.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
         if not 0.0 <= self.contrastive_study_to_report_weight <= 1.0:
             raise ValueError(
-                "RefersConfig.contrastive_study_to_report_weight must be in [0, 1], got "
+                f"{type(self).__name__}.contrastive_study_to_report_weight must be in [0, 1], got "
                 f"{self.contrastive_study_to_report_weight!r}."
-            )
-        for name in ("mrm_mask_ratio", "mrm_report_mask_ratio"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"RefersConfig.{name} must be in (0, 1), got {getattr(self, name)!r}.")
-        if self.mrm_reconstruction_size is not None and (
-                self.mrm_reconstruction_size < self.image_size or self.mrm_reconstruction_size % self.image_size):
-            raise ValueError(
-                f"RefersConfig.mrm_reconstruction_size ({self.mrm_reconstruction_size}) must be None or a multiple of "
-                f"image_size ({self.image_size}), e.g. 448 for 224 (the official code's super-resolution target)."
             )
         if not (self.use_report_generation or self.use_study_report_consistency):
             raise ValueError(
-                "RefersConfig: at least one of use_report_generation and use_study_report_consistency must be True."
+                f"{type(self).__name__}: at least one of use_report_generation and use_study_report_consistency must be True."
             )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "decoder_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"RefersConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+                raise ValueError(f"{type(self).__name__}.{name} must be in [0, 1), got {getattr(self, name)!r}.")
 
     @property
     def stage_names(self) -> list[str]:
         """The backbone's stages (`RefersBackbone`): `stem` (the embeddings) and `stage1` .. `stageL` (block i's
         output), so `out_indices=[4, 6, 8, 12]` are MRM's blocks 4, 6, 8, 12 (its 0-based `out_indices=(3, 5, 7, 11)`)."""
         return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+
+    @property
+    def input_image_size(self) -> int:
+        """Side of the images the processor must deliver to the pretraining model (`image_size`; a method that reads
+        larger images, e.g. MRM's super-resolution target, overrides it)."""
+        return self.image_size
 
     @property
     def num_patches(self) -> int:
@@ -354,4 +344,4 @@ for _name, _fields in DECODER_ALIASES.items():
     setattr(RefersConfig, _name, _decoder_alias(_name, _fields))
 
 
-__all__ = ["RefersConfig", "DEFAULT_DECODER_CONFIG", "AGGREGATION_MODES", "VIEW_FUSION_MODES"]
+__all__ = ["RefersConfig", "RefersDecoderConfig", "DEFAULT_DECODER_CONFIG", "AGGREGATION_MODES", "VIEW_FUSION_MODES"]

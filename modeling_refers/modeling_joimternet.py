@@ -9,7 +9,7 @@ by global image-sentence matching and local region-word matching.
   the batch, plus a triplet ranking loss with the hardest negative (margin 0.5), both ways.
 
 Built from REFERS's parts (view encoder, view fusion, BERT report encoder, projections) by subclassing
-`RefersForPreTraining`; no report decoder.
+`RefersForPreTraining`; no report decoder. Configured by [`JoImTeRNetConfig`] (`model_type="joimternet"`).
 """
 
 from dataclasses import dataclass
@@ -17,14 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import can_return_tuple
 
-from .configuration_refers import RefersConfig
-from .modeling_refers import RefersForPreTraining, pool_report_tokens
+from .configuration_joimternet import JoImTeRNetConfig
+from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel, pool_report_tokens
 
-# The method's configuration on top of REFERS's: no report generation; the study feature and the words / sentence
-# are projected to a shared 256-d space (`use_study_projection=True`, `projection_dim=256`).
-JOIMTERNET_DEFAULTS = dict(use_report_generation=False, use_study_report_consistency=True, use_study_projection=True,
-                           projection_dim=256)
 DAMSM_GAMMAS = (4.0, 5.0, 10.0)  # gamma1, gamma2, gamma3 (AttnGAN / JoImTeRNet)
 TRIPLET_MARGIN = 0.5
 
@@ -76,6 +73,26 @@ class JoImTeRNetForPreTrainingOutput(ModelOutput):
     local_scores: torch.Tensor | None = None
     study_embeds: torch.Tensor | None = None
     report_embeds: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    text_hidden_states: tuple[torch.Tensor, ...] | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class JoImTeRNetModel(RefersModel):
+    """[`RefersModel`] for a JoImTeRNet folder (`model_type="joimternet"`): what `AutoModel` loads from it."""
+
+    config_class = JoImTeRNetConfig
+    _loadable_by = {"AutoModel": "modeling_joimternet.JoImTeRNetModel",
+                    "AutoModelForImageClassification": "modeling_joimternet.JoImTeRNetForImageClassification"}
+
+
+class JoImTeRNetForImageClassification(RefersForImageClassification):
+    """[`RefersForImageClassification`] for a JoImTeRNet folder: what `AutoModelForImageClassification` loads from it,
+    only the head new."""
+
+    config_class = JoImTeRNetConfig
+    _loadable_by = JoImTeRNetModel._loadable_by
 
 
 class JoImTeRNetForPreTraining(RefersForPreTraining):
@@ -85,43 +102,39 @@ class JoImTeRNetForPreTraining(RefersForPreTraining):
     `view_mask` (single images `(B, C, H, W)` are one-view studies) and their report tokens.
     """
 
-    _loadable_by = {**RefersForPreTraining._loadable_by,
+    config_class = JoImTeRNetConfig
+    _loadable_by = {**JoImTeRNetModel._loadable_by,
                     "AutoModelForPreTraining": "modeling_joimternet.JoImTeRNetForPreTraining"}
 
-    def __init__(self, config: RefersConfig):
-        if config.use_report_generation or not config.use_study_report_consistency or not config.use_view_fusion:
-            raise ValueError(
-                "JoImTeRNet matches studies with reports and generates nothing: RefersConfig needs "
-                "use_report_generation=False, use_study_report_consistency=True and use_view_fusion=True "
-                "(JoImTeRNetForPreTraining.default_config() sets them)."
-            )
-        if not config.use_study_projection:
-            raise ValueError("JoImTeRNet projects the study feature: RefersConfig.use_study_projection must be True.")
-        super().__init__(config)
+    def _build_modules(self, config: JoImTeRNetConfig) -> None:
+        super()._build_modules(config)
         self.region_projection = nn.Linear(config.hidden_size, config.contrastive_dim)
-        self._init_weights(self.region_projection)
 
     @classmethod
-    def default_config(cls, **overrides) -> RefersConfig:
-        """A `RefersConfig` with JoImTeRNet's settings (`JOIMTERNET_DEFAULTS`), then `overrides`."""
-        return RefersConfig(**{**JOIMTERNET_DEFAULTS, **overrides})
+    def default_config(cls, **overrides) -> JoImTeRNetConfig:
+        """A [`JoImTeRNetConfig`] (JoImTeRNet's defaults), then `overrides`."""
+        return JoImTeRNetConfig(**overrides)
 
+    @can_return_tuple
     def forward(self, pixel_values=None, view_mask=None, input_ids=None, attention_mask=None, return_loss=True,
                 **kwargs) -> JoImTeRNetForPreTrainingOutput:
         r"""
         pixel_values (`(batch, V, C, H, W)`), view_mask (`(batch, V)`): studies; input_ids, attention_mask
         (`(batch, T)`): their reports.
+        output_hidden_states, output_attentions, return_dict: as in transformers (`hidden_states` / `attentions` the
+            radiograph transformer's, `text_hidden_states` / `text_attentions` the report encoder's).
         """
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
         if view_mask is None:
             view_mask = torch.ones(pixel_values.shape[:2], dtype=torch.long, device=pixel_values.device)
-        vision = self.refers(pixel_values, view_mask=view_mask)
+        flags = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
+        vision = self.refers(pixel_values, view_mask=view_mask, **flags)
         tokens = vision.last_hidden_state[:, :, 1:]  # (B, V, P, d): every view's regions
         batch_size, num_views, num_regions, _ = tokens.shape
         regions = self.region_projection(tokens.reshape(batch_size, num_views * num_regions, -1))
         region_mask = view_mask.bool()[:, :, None].expand(-1, -1, num_regions).reshape(batch_size, -1)
-        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **flags)
         words = self.text_projection(text.last_hidden_state[:, 1:])  # [CLS] left out
         word_mask = attention_mask[:, 1:].bool() if attention_mask is not None else torch.ones_like(
             input_ids[:, 1:], dtype=torch.bool)
@@ -138,7 +151,9 @@ class JoImTeRNetForPreTraining(RefersForPreTraining):
             loss = loss_global + loss_local
         return JoImTeRNetForPreTrainingOutput(loss=loss, loss_global=loss_global, loss_local=loss_local,
                                               global_scores=global_scores, local_scores=local_scores,
-                                              study_embeds=study_embeds, report_embeds=report_embeds)
+                                              study_embeds=study_embeds, report_embeds=report_embeds,
+                                              hidden_states=vision.hidden_states, attentions=vision.attentions,
+                                              text_hidden_states=text.hidden_states, text_attentions=text.attentions)
 
 
-__all__ = ["DAMSM_GAMMAS", "JOIMTERNET_DEFAULTS", "JoImTeRNetForPreTraining", "damsm_scores", "matching_losses"]
+__all__ = ["DAMSM_GAMMAS", "JoImTeRNetForImageClassification", "JoImTeRNetForPreTraining", "JoImTeRNetModel", "damsm_scores", "matching_losses"]

@@ -10,23 +10,22 @@
   features of the study to every token embedding; cross-entropy on masked positions only.
 - Loss = image + report, 1:1.
 
-Built on REFERS's radiograph transformer and BERT report encoder (subclass of `RefersForPreTraining`).
+Built on REFERS's radiograph transformer and BERT report encoder (subclass of `RefersForPreTraining`); configured by
+[`MRMConfig`] (`model_type="mrm"`).
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import ViTMAEConfig
+from transformers import AutoModel, ViTMAEConfig
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder
+from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_refers import RefersConfig
-from .modeling_refers import RefersForPreTraining
-
-MRM_DEFAULTS = dict(use_report_generation=False, use_study_report_consistency=True, use_view_fusion=False,
-                    aggregation="none")
+from .configuration_mrm import MRMConfig
+from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel
 
 
 def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None):
@@ -70,6 +69,25 @@ class MRMForPreTrainingOutput(ModelOutput):
     reconstruction: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     report_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class MRMModel(RefersModel):
+    """[`RefersModel`] for an MRM folder (`model_type="mrm"`): what `AutoModel` loads from it (the image decoder and
+    report branch are dropped)."""
+
+    config_class = MRMConfig
+    _loadable_by = {"AutoModel": "modeling_mrm.MRMModel",
+                    "AutoModelForImageClassification": "modeling_mrm.MRMForImageClassification"}
+
+
+class MRMForImageClassification(RefersForImageClassification):
+    """[`RefersForImageClassification`] for an MRM folder: what `AutoModelForImageClassification` loads from it, only
+    the head new."""
+
+    config_class = MRMConfig
+    _loadable_by = MRMModel._loadable_by
 
 
 class MRMForPreTraining(RefersForPreTraining):
@@ -80,18 +98,29 @@ class MRMForPreTraining(RefersForPreTraining):
     `mrm_reconstruction_size`, `pixel_values` are at that size and the encoder sees them resized to `image_size`.
     """
 
-    _loadable_by = {**RefersForPreTraining._loadable_by, "AutoModelForPreTraining": "modeling_mrm.MRMForPreTraining"}
+    config_class = MRMConfig
+    _loadable_by = {**MRMModel._loadable_by, "AutoModelForPreTraining": "modeling_mrm.MRMForPreTraining"}
+    # MRM predicts report words; it does not embed whole reports (no `text_projection`): no report embedding (`get_text_features` of REFERS / CLIP): the inherited method is hidden (`hasattr` is False)
+    _no_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has no "
+                         "text_projection; its report encoder is `model.text_encoder`.")
 
-    def __init__(self, config: RefersConfig):
-        if config.backbone != "vit" or config.aggregation == "recurrent_concat":
-            raise ValueError("MRM masks patches of the radiograph transformer: RefersConfig needs backbone='vit' and "
-                             "aggregation 'none' or 'cls_add' (MRMForPreTraining.default_config() sets them).")
-        if config.use_report_generation or not config.use_study_report_consistency:
-            raise ValueError("MRM's branches are masked patches and masked report words: RefersConfig needs "
-                             "use_report_generation=False and use_study_report_consistency=True.")
+    @property
+    def get_text_features(self):
+        raise AttributeError(self._no_text_features)
+
+    def __getattr__(self, name: str):
+        if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why
+            raise AttributeError(self._no_text_features)
+        return super().__getattr__(name)
+
+    def _build_text_encoder(self, config: MRMConfig) -> nn.Module:
+        # MRM reads the report tokens, never a pooled report: BERT without its pooler (it would get no gradient)
+        return AutoModel.from_config(config.text_config, add_pooling_layer=False)
+
+    def _build_modules(self, config: MRMConfig) -> None:
         # use_view_fusion=True is allowed (the fusion is not trained by MRM; it keeps its initialisation), so that
         # an MRM checkpoint has the architecture of a REFERS one for a fair fine-tuning comparison.
-        super().__init__(config)
+        super()._build_modules(config)
         scale = (config.mrm_reconstruction_size or config.image_size) // config.image_size
         mae = ViTMAEConfig(
             hidden_size=config.hidden_size, decoder_hidden_size=config.mrm_decoder_hidden_size,
@@ -99,7 +128,7 @@ class MRMForPreTraining(RefersForPreTraining):
             decoder_num_attention_heads=config.mrm_decoder_num_attention_heads,
             decoder_intermediate_size=config.mrm_decoder_intermediate_size, patch_size=config.patch_size * scale,
             num_channels=config.num_channels, image_size=config.image_size * scale, layer_norm_eps=config.layer_norm_eps,
-            hidden_act=config.hidden_act, qkv_bias=config.qkv_bias,
+            hidden_act=config.hidden_act, qkv_bias=config.qkv_bias, initializer_range=config.initializer_range,
         )
         mae._attn_implementation = config._attn_implementation or "sdpa"  # the decoder follows the model's choice
         self.image_decoder = ViTMAEDecoder(mae, num_patches=config.num_patches)
@@ -109,15 +138,25 @@ class MRMForPreTraining(RefersForPreTraining):
         # layer keeps its own bias and this copy would sit idle
         self.report_head.predictions.bias.requires_grad_(False)
         self.text_projection = None  # MRM predicts report words; it does not embed whole reports
-        for module in (self.image_decoder.decoder_embed, self.image_decoder.decoder_pred, self.report_condition):
-            self._init_weights(module)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ViTMAEDecoder):  # fixed 2-D sin-cos positions, mask token N(0, 0.02), as ViT-MAE
+            module.initialize_weights(self.config.num_patches)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """As transformers', and the MAE image decoder (a plain module with its own `ViTMAEConfig`) follows."""
+        result = super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.image_decoder.config._attn_implementation = self.config._attn_implementation
+        return result
 
     @classmethod
-    def default_config(cls, **overrides) -> RefersConfig:
-        """A `RefersConfig` with MRM's settings (`MRM_DEFAULTS`), then `overrides`."""
-        return RefersConfig(**{**MRM_DEFAULTS, **overrides})
+    def default_config(cls, **overrides) -> MRMConfig:
+        """An [`MRMConfig`] (MRM's defaults), then `overrides`."""
+        return MRMConfig(**overrides)
 
-    def encode_visible(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def encode_visible(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor, **kwargs) -> torch.Tensor:
         """The radiograph transformer on the visible patches only: `(n, C, H, W)`, `ids_keep` `(n, K)` ->
         `(n, 1 + K, d)` (aggregation token first)."""
         vit = self.refers
@@ -126,12 +165,13 @@ class MRMForPreTraining(RefersForPreTraining):
         cls = (vit.embeddings.cls_token + vit.embeddings.position_embeddings[:, :1]).expand(visible.shape[0], -1, -1)
         hidden_states = torch.cat([cls, visible], dim=1)
         for layer in vit.layers:
-            hidden_states = layer(hidden_states, None)
+            hidden_states = layer(hidden_states, None, **kwargs)
         hidden_states = vit.layernorm(hidden_states)
         if self.config.aggregation == "cls_add":
             hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, 1:] + hidden_states[:, :1]], dim=1)
         return hidden_states
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values=None, view_mask=None, input_ids=None, attention_mask=None, labels=None,
                 generator=None, return_loss=True, **kwargs) -> MRMForPreTrainingOutput:
         r"""
@@ -139,6 +179,8 @@ class MRMForPreTraining(RefersForPreTraining):
             `mrm_reconstruction_size` when set, else `image_size`).
         input_ids, attention_mask, labels (`(B, T)`): the masked report and the original ids at masked positions.
         generator (`torch.Generator`, *optional*): randomness of the patch masking.
+        output_hidden_states, output_attentions, return_dict: as in transformers; the hidden states and attentions
+            are the radiograph transformer's on the visible patches, `(n, 1 + K, d)` per layer (embeddings first).
         """
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
@@ -153,7 +195,8 @@ class MRMForPreTraining(RefersForPreTraining):
                                                antialias=True, align_corners=False)
         ids_keep, mask, ids_restore = random_patch_masking(inputs.shape[0], self.config.num_patches,
                                                            self.config.mrm_mask_ratio, generator, inputs.device)
-        encoded = self.encode_visible(inputs, ids_keep)
+        flags = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
+        encoded = self.encode_visible(inputs, ids_keep, **flags)
         reconstruction = self.image_decoder(encoded, ids_restore).logits  # (n, P, (p * scale)^2 * C)
         loss_image = masked_patch_loss(patchify(images, self.image_decoder.config.patch_size), reconstruction,
                                        mask, self.config.mrm_norm_pix_loss) if return_loss else None
@@ -177,4 +220,4 @@ class MRMForPreTraining(RefersForPreTraining):
                                        reconstruction=reconstruction, mask=mask, report_logits=report_logits)
 
 
-__all__ = ["MRM_DEFAULTS", "MRMForPreTraining", "masked_patch_loss", "patchify", "random_patch_masking"]
+__all__ = ["MRMForImageClassification", "MRMForPreTraining", "MRMModel", "masked_patch_loss", "patchify", "random_patch_masking"]

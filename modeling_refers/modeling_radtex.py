@@ -2,17 +2,28 @@
 is trained only to generate its report; the CNN is then transferred (fine-tuned like any REFERS backbone).
 
 It is REFERS's report-generation task alone on a CNN view encoder, so it is built from REFERS's parts by
-configuration (`backbone`, `use_view_fusion=False`, `use_study_report_consistency=False`), not copied: the same
-backbone wrapper, decoder, checkpoints and fine-tuning path.
+configuration ([`RadTexConfig`], `model_type="radtex"`: `backbone`, `use_view_fusion=False`,
+`use_study_report_consistency=False`), not copied: the same backbone wrapper, decoder, checkpoints and fine-tuning path.
 """
 
-from .configuration_refers import RefersConfig
-from .modeling_refers import RefersForPreTraining
+from .configuration_radtex import RadTexConfig
+from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel
 
-# The method's architecture: timm ResNet-50 (2048-wide last feature map, 7 x 7 cells at 224 px), every view captioned
-# on its own (no view fusion), no study-report consistency.
-RADTEX_DEFAULTS = dict(backbone="resnet50", aggregation="none", hidden_size=2048, use_view_fusion=False,
-                       use_study_report_consistency=False)
+
+class RadTexModel(RefersModel):
+    """[`RefersModel`] for a RadTex folder (`model_type="radtex"`): what `AutoModel` loads from it (the CNN)."""
+
+    config_class = RadTexConfig
+    _loadable_by = {"AutoModel": "modeling_radtex.RadTexModel",
+                    "AutoModelForImageClassification": "modeling_radtex.RadTexForImageClassification"}
+
+
+class RadTexForImageClassification(RefersForImageClassification):
+    """[`RefersForImageClassification`] for a RadTex folder: what `AutoModelForImageClassification` loads from it,
+    only the head new."""
+
+    config_class = RadTexConfig
+    _loadable_by = RadTexModel._loadable_by
 
 
 class RadTexForPreTraining(RefersForPreTraining):
@@ -23,20 +34,25 @@ class RadTexForPreTraining(RefersForPreTraining):
     `trust_remote_code=True` where this package is not installed.
     """
 
-    _loadable_by = {**RefersForPreTraining._loadable_by, "AutoModelForPreTraining": "modeling_radtex.RadTexForPreTraining"}
+    config_class = RadTexConfig
+    _loadable_by = {**RadTexModel._loadable_by, "AutoModelForPreTraining": "modeling_radtex.RadTexForPreTraining"}
+    # No report embedding (`get_text_features` of REFERS / CLIP): the inherited method is hidden (`hasattr` is False)
+    _no_text_features = ("RadTexForPreTraining has no `get_text_features`: RadTex has no report encoder (it only "
+                         "generates reports).")
 
-    def __init__(self, config: RefersConfig):
-        if config.use_study_report_consistency:
-            raise ValueError(
-                "RadTex trains report generation only: RefersConfig.use_study_report_consistency must be False "
-                "(RadTexForPreTraining.default_config() sets it)."
-            )
-        super().__init__(config)
+    @property
+    def get_text_features(self):
+        raise AttributeError(self._no_text_features)
+
+    def __getattr__(self, name: str):
+        if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why
+            raise AttributeError(self._no_text_features)
+        return super().__getattr__(name)
 
     @classmethod
-    def default_config(cls, **overrides) -> RefersConfig:
-        """A `RefersConfig` with RadTex's architecture (`RADTEX_DEFAULTS`), then `overrides`."""
-        return RefersConfig(**{**RADTEX_DEFAULTS, **overrides})
+    def default_config(cls, **overrides) -> RadTexConfig:
+        """A [`RadTexConfig`] (RadTex's architecture), then `overrides`."""
+        return RadTexConfig(**overrides)
 
 
-__all__ = ["RADTEX_DEFAULTS", "RadTexForPreTraining"]
+__all__ = ["RadTexForImageClassification", "RadTexForPreTraining", "RadTexModel"]

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_refers import RefersConfig
 
@@ -178,12 +178,68 @@ class RefersConvBackbone(nn.Module):
                 f"RefersConfig.hidden_size ({config.hidden_size}) must be the width of {config.backbone}'s last feature "
                 f"map, {self.model.num_features}: set hidden_size={self.model.num_features}."
             )
+        # A new model keeps timm's own initialisation (its tensors are marked initialised, so `post_init` leaves them);
+        # built empty (on the meta device, as `from_pretrained` does), `_init_weights` initialises what the checkpoint
+        # lacks the way timm does (`init_timm_cnn_layer`; the last BatchNorm of each residual block at zero, timm's
+        # `zero_init_last`: resnet's bn2 / bn3).
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            if tensor.device.type != "meta":
+                tensor._is_hf_initialized = True
         for module in self.model.modules():
-            module._is_hf_initialized = True  # keep timm's (kaiming) initialisation
+            module._refers_timm_layer = True
+            if hasattr(module, "zero_init_last"):
+                last = getattr(module, "bn3", None)
+                last = last if last is not None else getattr(module, "bn2", None)
+                if last is not None:
+                    last._refers_zero_init = True
+        # Each feature level (timm's `feature_info`: the stem's output, then every stage's) passes through it, so that
+        # `output_hidden_states=True` records them (`(n, C_i, H_i, W_i)`, as transformers' ResNet); no parameters.
+        self.stage_output = RefersConvStageOutput()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """transformers' gradient checkpointing switch, passed to timm's (`set_grad_checkpointing`: the stages)."""
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.model.set_grad_checkpointing(bool(enable))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        cells = self.model.forward_features(pixel_values).flatten(2).transpose(1, 2)  # (n, h * w, d)
+        if self.gradient_checkpointing or not hasattr(self.model, "forward_intermediates"):
+            features = self.model.forward_features(pixel_values)  # timm's checkpointed stages (no hidden states)
+        else:  # the same computation (bit-identical), every feature level kept
+            features, levels = self.model.forward_intermediates(pixel_values)
+            for level in levels:
+                self.stage_output(level)
+        cells = features.flatten(2).transpose(1, 2)  # (n, h * w, d)
         return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
+
+
+def init_timm_cnn_layer(module: nn.Module) -> None:
+    """timm's initialisation of one layer of its CNNs: kaiming-normal (fan-out, ReLU) convolutions, BatchNorm 1 / 0
+    (0 / 0 for the last of a residual block) with fresh running statistics; through transformers' guarded init
+    functions, so what a checkpoint holds is kept."""
+    if isinstance(module, nn.Conv2d):
+        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        if module.affine:
+            (init.zeros_ if getattr(module, "_refers_zero_init", False) else init.ones_)(module.weight)
+            init.zeros_(module.bias)
+        if module.track_running_stats:
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+    elif isinstance(module, nn.Linear):
+        init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+
+
+class RefersConvStageOutput(nn.Identity):
+    """Marks a CNN backbone's feature level for transformers' output capturing (`hidden_states`)."""
 
 
 class RefersRecurrentConcat(nn.Linear):
@@ -322,14 +378,20 @@ class RefersPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": RefersLayer, "attentions": ViTAttention}
+    # hidden states: the radiograph transformer's (embeddings, then every block) or a CNN's feature levels
+    _can_record_outputs = {
+        "hidden_states": [RefersLayer, OutputRecorder(RefersConvStageOutput, capture_initial_hidden_state=False)],
+        "attentions": ViTAttention,
+    }
     # forward takes **kwargs for output flags only; the Trainer must still scale the loss for gradient accumulation.
     accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, RefersRecurrentConcat):
+        if getattr(module, "_refers_timm_layer", False):  # a layer of a timm CNN backbone: timm's scheme
+            init_timm_cnn_layer(module)
+        elif isinstance(module, RefersRecurrentConcat):
             hidden_size = module.out_features
             identity_then_zero = torch.cat([torch.eye(hidden_size), torch.zeros(hidden_size, hidden_size)], dim=1)
             init.copy_(module.weight, identity_then_zero.to(module.weight.dtype))
@@ -936,7 +998,29 @@ class RefersForPreTraining(RefersPreTrainedModel):
     }
 
     def __init__(self, config: RefersConfig):
+        saved_as = [name for name in (getattr(config, "architectures", None) or [])
+                    if name.endswith("ForPreTraining") and name != type(self).__name__]
+        if type(self) is RefersForPreTraining and config.model_type == "refers" and saved_as:
+            # a folder saved before each method had its own model_type: loading it here would drop the method's heads
+            raise ValueError(
+                f"This configuration (model_type 'refers') was saved by {saved_as[0]}, before each pretraining method had "
+                f"a model_type of its own; RefersForPreTraining would drop that method's heads. Load the folder with "
+                f"{saved_as[0]}.from_pretrained(folder) (it reads the old configuration) and save it again to get a "
+                "folder every Auto class loads as that method."
+            )
         super().__init__(config)
+        self._build_modules(config)
+        self.post_init()  # after every module, a method's own included (see `_build_modules`)
+        if self.text_encoder is not None and config.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    def _build_text_encoder(self, config: RefersConfig) -> nn.Module:
+        """The report encoder (any BERT-like `text_config`); a method that does not pool reports overrides it."""
+        return AutoModel.from_config(config.text_config)
+
+    def _build_modules(self, config: RefersConfig) -> None:
+        """Every module of the model, before `post_init`: a pretraining method (MRM, JoImTeRNet, ...) extends this
+        with its own heads, so that they are initialised and loaded like the rest (none created after `post_init`)."""
         self.refers = RefersModel(config)
         self.report_decoder = RefersReportDecoder(config) if config.use_report_generation else None
         # The decoder's output weights are tied to its input embeddings (tie_word_embeddings=True, official code);
@@ -947,13 +1031,10 @@ class RefersForPreTraining(RefersPreTrainedModel):
         self._keys_to_ignore_on_save = list(self._tied_weights_keys)
         self.text_encoder = self.text_projection = self.study_projection = None
         if config.use_study_report_consistency:
-            self.text_encoder = AutoModel.from_config(config.text_config)
+            self.text_encoder = self._build_text_encoder(config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.contrastive_dim)
             if config.use_study_projection:  # not in the paper nor the official code: off by default
                 self.study_projection = nn.Linear(config.study_width, config.contrastive_dim)
-        self.post_init()
-        if self.text_encoder is not None and config.freeze_text_encoder:
-            self.text_encoder.requires_grad_(False)
 
     @classmethod
     def from_text_encoder_pretrained(cls, text_encoder_path: str | os.PathLike, config: RefersConfig | None = None,

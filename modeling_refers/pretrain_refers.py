@@ -18,11 +18,11 @@ BERT at 3e-4) and SGD inside Lookahead (k 5, alpha 0.5). A run started again in 
 when it is the same run (`run_signature.json`: data, starting point, recipe, seed, ...); `--start_fresh` starts over.
 """
 
-import hashlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import transformers
@@ -31,18 +31,22 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
 from . import (
+    JoImTeRNetConfig,
+    MRMConfig,
+    RadTexConfig,
     RefersConfig,
     RefersForPreTraining,
     RefersImageProcessor,
     RefersProcessor,
     train_report_tokenizer,
 )
-from .file_utils import atomic_write_text, file_sha256
+from .file_utils import atomic_write_text
 from .hub_upload import check_hub_arguments
-from .modeling_joimternet import JOIMTERNET_DEFAULTS, JoImTeRNetForPreTraining
-from .modeling_mrm import MRM_DEFAULTS, MRMForPreTraining
-from .modeling_radtex import RADTEX_DEFAULTS, RadTexForPreTraining
+from .modeling_joimternet import JoImTeRNetForPreTraining
+from .modeling_mrm import MRMForPreTraining
+from .modeling_radtex import RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
+from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
     PRETRAINING_RECIPES,
     RESIZE_MODES,
@@ -59,25 +63,105 @@ from .training_refers import (
 logger = logging.getLogger(__name__)
 
 
-# --method -> (pretraining class, its architecture defaults; `--config_overrides` apply on top)
-PRETRAINING_METHODS = {
-    "refers": (RefersForPreTraining, {}),
-    "radtex": (RadTexForPreTraining, RADTEX_DEFAULTS),
-    "joimternet": (JoImTeRNetForPreTraining, JOIMTERNET_DEFAULTS),
-    "mrm": (MRMForPreTraining, MRM_DEFAULTS),
+# ----------------------------------------------------------------------------------------------------------------------
+# Recipes (--recipe): each turns the parsed arguments into the optimizer settings of `RefersTrainer`
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def refers_recipe(name: str) -> Callable:
+    """REFERS's recipes (`PRETRAINING_RECIPES`: paper, official, adamw): SGD (or AdamW) over the backbone's and the
+    text modules' learning rates, the official one with the report decoder at the backbone's and Lookahead."""
+
+    def optimizer(training_args) -> dict:
+        recipe = PRETRAINING_RECIPES[name]
+        decoder_lr = (training_args.learning_rate if recipe["decoder_learning_rate"] == "backbone"
+                      else training_args.text_learning_rate)
+        return dict(text_learning_rate=training_args.text_learning_rate, decoder_learning_rate=decoder_lr,
+                    lookahead_steps=recipe["lookahead_steps"], lookahead_alpha=recipe["lookahead_alpha"],
+                    sgd_momentum=training_args.sgd_momentum, optimizer_name=recipe["optimizer_name"],
+                    adam_betas=recipe.get("adam_betas", (0.9, 0.999)))
+
+    return optimizer
+
+
+def mrm_recipe(training_args) -> dict:
+    """MRM's (`MRM_RECIPE`): AdamW (0.9, 0.95), one learning rate 1.5e-4 x total batch / 256 and weight decay 0.05,
+    replacing --learning_rate, --text_learning_rate and --weight_decay."""
+    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                   * training_args.world_size)
+    training_args.learning_rate = MRM_RECIPE["base_learning_rate"] * total_batch / 256
+    training_args.weight_decay = MRM_RECIPE["weight_decay"]
+    return dict(optimizer_name=MRM_RECIPE["optimizer_name"], adam_betas=MRM_RECIPE["adam_betas"],
+                text_learning_rate=None, decoder_learning_rate=None, lookahead_steps=0)
+
+
+RECIPES: dict[str, Callable] = {**{name: refers_recipe(name) for name in PRETRAINING_RECIPES}, "mrm": mrm_recipe}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods (--method): one entry each; run_pretrain reads nothing else about a method
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def study_report_collator(processor, train: bool, config, decoder_tokenizer):
+    """REFERS, RadTex, JoImTeRNet: studies and their whole reports (and the decoder's copy of them)."""
+    return StudyReportCollator(processor, train=train, decoder_tokenizer=decoder_tokenizer)
+
+
+def masked_report_collator(processor, train: bool, config, decoder_tokenizer):
+    """MRM: studies and their reports with `config.mrm_report_mask_ratio` of the words masked."""
+    return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio)
+
+
+@dataclass(frozen=True)
+class PretrainingMethod:
+    """Everything `run_pretrain.py` knows about a pretraining method.
+
+    config_class, model_class: its configuration (own `model_type`, own defaults; `--config_overrides` apply on top)
+        and its `*ForPreTraining` model.
+    collator: `(processor, train, config, decoder_tokenizer) -> data collator` of its training / evaluation batches.
+    recipes: the `--recipe` names (keys of `RECIPES`) it runs with, its default first.
+    loss_parts: the loss parts its model output carries (summing to `loss`), logged beside `loss`.
+    idle_parameters: `config -> bool`, whether some parameters get no gradient (DDP must then search for them).
+    description: one line for `--help`.
+    """
+
+    config_class: type[RefersConfig]
+    model_class: type[RefersForPreTraining]
+    collator: Callable
+    recipes: tuple[str, ...]
+    loss_parts: tuple[str, ...]
+    idle_parameters: Callable[[RefersConfig], bool]
+    description: str
+
+
+PRETRAINING_METHODS: dict[str, PretrainingMethod] = {
+    "refers": PretrainingMethod(
+        RefersConfig, RefersForPreTraining, study_report_collator, ("paper", "official", "adamw"),
+        ("loss_report", "loss_contrast"), lambda config: not config.use_view_fusion,
+        "report generation + study-report consistency, radiograph transformer, view fusion"),
+    "radtex": PretrainingMethod(
+        RadTexConfig, RadTexForPreTraining, study_report_collator, ("paper", "official", "adamw"), ("loss_report",),
+        lambda config: not config.use_view_fusion, "report generation only, timm ResNet-50, each view captioned alone"),
+    "joimternet": PretrainingMethod(
+        JoImTeRNetConfig, JoImTeRNetForPreTraining, study_report_collator, ("paper", "official", "adamw"),
+        ("loss_global", "loss_local"), lambda config: not config.use_view_fusion,
+        "global image-report and local region-word matching, DAMSM"),
+    "mrm": PretrainingMethod(
+        MRMConfig, MRMForPreTraining, masked_report_collator, ("mrm",), ("loss_image", "loss_report"),
+        lambda config: config.use_view_fusion,  # MRM leaves a view fusion untrained
+        "masked record modeling: MAE on the radiograph transformer + masked report words"),
 }
 
 
 @dataclass
 class ModelArguments:
     method: str = field(default="refers", metadata={
-        "help": f"One of {sorted(PRETRAINING_METHODS)}: 'refers' (report generation + study-report consistency, "
-                "radiograph transformer, view fusion), 'radtex' (report generation only, timm ResNet-50, each view "
-                "captioned alone), 'joimternet' (global image-report and local region-word matching, DAMSM) or 'mrm' "
-                "(masked record modeling: MAE on the radiograph transformer + masked report words)."})
+        "help": "One of " + ", ".join(f"'{name}' ({method.description})" for name, method in PRETRAINING_METHODS.items())
+                + "."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A RefersForPreTraining folder to continue from; else a new model."})
-    config_name: str | None = field(default=None, metadata={"help": "A RefersConfig folder or config.json."})
+    config_name: str | None = field(default=None, metadata={"help": "A configuration folder or config.json of the method."})
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=192,num_hidden_layers=4,"
@@ -129,7 +213,7 @@ class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the paper's pretraining defaults."""
 
     recipe: str | None = field(default=None, metadata={
-        "help": f"One of {sorted(PRETRAINING_RECIPES) + ['mrm']} (default: 'mrm' for --method mrm, else 'paper'): "
+        "help": f"One of {sorted(RECIPES)} (default: the method's first, 'mrm' for --method mrm, else 'paper'): "
                 "'paper' (report decoder and BERT at --text_learning_rate, no Lookahead), 'official' (the released "
                 "code: decoder at --learning_rate, only BERT at --text_learning_rate, SGD inside Lookahead k 5, "
                 "alpha 0.5), 'adamw' (the paper's two learning rates with AdamW (0.9, 0.999) instead of SGD: what a "
@@ -196,10 +280,12 @@ def build_tokenizers(model_args, train_reports, output_dir, training_args):
 
 
 def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
-    model_class, defaults = PRETRAINING_METHODS[model_args.method]
+    method = PRETRAINING_METHODS[model_args.method]
+    model_class = method.model_class
     if model_args.model_name_or_path:
         return model_class.from_pretrained(model_args.model_name_or_path)
-    config = RefersConfig.from_pretrained(model_args.config_name) if model_args.config_name else RefersConfig(**defaults)
+    config = (method.config_class.from_pretrained(model_args.config_name) if model_args.config_name
+              else method.config_class())
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
         config.check_architecture()
@@ -227,15 +313,16 @@ def check_inputs(model_args, data_args, training_args) -> None:
     """Refuse bad paths and settings before anything is written, naming the argument."""
     if model_args.method not in PRETRAINING_METHODS:
         raise ValueError(f"--method must be one of {sorted(PRETRAINING_METHODS)}, got {model_args.method!r}")
+    method = PRETRAINING_METHODS[model_args.method]
     if training_args.recipe is None:
-        training_args.recipe = "mrm" if model_args.method == "mrm" else "paper"
-    if training_args.recipe not in (*PRETRAINING_RECIPES, "mrm"):
-        raise ValueError(f"--recipe must be one of {sorted([*PRETRAINING_RECIPES, 'mrm'])}, got "
-                         f"{training_args.recipe!r}")
-    if (training_args.recipe == "mrm") != (model_args.method == "mrm"):
-        raise ValueError("--recipe mrm goes with --method mrm (AdamW for its MAE and masked-report branches), and "
-                         f"--method mrm with --recipe mrm; got --method {model_args.method} --recipe "
-                         f"{training_args.recipe}")
+        training_args.recipe = method.recipes[0]
+    if training_args.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {training_args.recipe!r}")
+    if training_args.recipe not in method.recipes:
+        owners = [name for name, other in PRETRAINING_METHODS.items() if training_args.recipe in other.recipes]
+        raise ValueError(f"--recipe {training_args.recipe} goes with --method {' or '.join(owners)}, and --method "
+                         f"{model_args.method} with --recipe {' or '.join(method.recipes)}; got --method "
+                         f"{model_args.method} --recipe {training_args.recipe}")
     if data_args.resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
     for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
@@ -249,17 +336,6 @@ def check_inputs(model_args, data_args, training_args) -> None:
                                 ".pth / .safetensors state dict)")
     if not data_args.prepared_data_dir:  # e.g. the default sample, in an installation without it: say what to pass
         check_data_dir(data_args.data_dir, what=f"the {data_args.dataset_name} folder (or pass --prepared_data_dir)")
-
-
-def folder_sha256(path: str | None) -> dict | None:
-    """Content hashes of a starting folder's config and weights (or of a single file), so a rewritten one counts as
-    another starting point."""
-    if not path or path.lower() == "none":
-        return None
-    if os.path.isfile(path):
-        return {os.path.basename(path): file_sha256(path)}
-    names = sorted(n for n in os.listdir(path) if n == "config.json" or n.endswith((".safetensors", ".bin")))
-    return {name: file_sha256(os.path.join(path, name)) for name in names}
 
 
 # TrainingArguments fields that decide what a pretraining run computes (and so whether a checkpoint can be resumed).
@@ -277,27 +353,25 @@ def run_signature(model_args, data_args, training_args, train_set, eval_set) -> 
         "script": "run_pretrain",
         "method": model_args.method,
         "dataset_name": data_args.dataset_name,
-        "data_dir": os.path.abspath(data_args.data_dir),
-        "image_dir": os.path.abspath(data_args.image_dir) if data_args.image_dir else None,
-        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
-        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
-                                if data_args.prepared_data_dir else None),
-        "train_study_ids_sha256": hashlib.sha256("\n".join(study_ids).encode()).hexdigest(),
+        "data_dir": absolute(data_args.data_dir),
+        "image_dir": absolute(data_args.image_dir),
+        **prepared_data_fields(data_args.prepared_data_dir),
+        "train_study_ids_sha256": ids_sha256(study_ids),
         "num_train_studies": len(train_set),
         "num_eval_studies": len(eval_set),
         "max_report_length": data_args.max_report_length,
         "resize": data_args.resize,
         "model_name_or_path": model_args.model_name_or_path,
-        "model_sha256": folder_sha256(model_args.model_name_or_path),
+        "model_sha256": checkpoint_sha256(model_args.model_name_or_path),
         "config_name": model_args.config_name,
         "config_overrides": model_args.config_overrides,
-        "text_encoder_sha256": folder_sha256(model_args.text_encoder_name_or_path),
+        "text_encoder_sha256": checkpoint_sha256(model_args.text_encoder_name_or_path),
         "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
         "report_tokenizer_vocab_size": model_args.report_tokenizer_vocab_size,
         "text_config_overrides": model_args.text_config_overrides,
-        "vision_weights_sha256": folder_sha256(model_args.vision_weights),
+        "vision_weights_sha256": checkpoint_sha256(model_args.vision_weights),
+        **training_fields(training_args, SIGNATURE_TRAINING_FIELDS),
     }
-    signature.update({name: getattr(training_args, name) for name in SIGNATURE_TRAINING_FIELDS})
     return signature
 
 
@@ -370,38 +444,18 @@ def main(argv=None):
                                                     training_args)
     model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
     config = model.config
-    # MRM's super-resolution target: the processor delivers the larger image, the model resizes it for the encoder
-    image_size = getattr(config, "mrm_reconstruction_size", None) if model_args.method == "mrm" else None
-    sizes = processor_sizes(image_size or config.image_size, data_args.resize)
+    method = PRETRAINING_METHODS[model_args.method]
+    # the processor delivers the size the model reads (MRM's super-resolution target: larger than its encoder's input)
+    sizes = processor_sizes(config.input_image_size, data_args.resize)
     processor = RefersProcessor(RefersImageProcessor(**sizes), tokenizer, num_views=config.num_views,
                                 max_length=config.max_report_length)
     warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
-    if not config.use_view_fusion or model_args.method == "mrm":
-        # idle parameters: the fusion in this ablation; in MRM the report encoder's pooler (and an idle fusion)
+    if method.idle_parameters(config):
         training_args.ddp_find_unused_parameters = True
-
-    if training_args.recipe == "mrm":
-        total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                       * training_args.world_size)
-        training_args.learning_rate = MRM_RECIPE["base_learning_rate"] * total_batch / 256
-        training_args.weight_decay = MRM_RECIPE["weight_decay"]
-        optimizer = dict(optimizer_name="adamw", adam_betas=MRM_RECIPE["adam_betas"], text_learning_rate=None,
-                         decoder_learning_rate=None, lookahead_steps=0)
-        collator = MaskedReportCollator
-    else:
-        recipe = PRETRAINING_RECIPES[training_args.recipe]
-        decoder_lr = (training_args.learning_rate if recipe["decoder_learning_rate"] == "backbone"
-                      else training_args.text_learning_rate)
-        optimizer = dict(text_learning_rate=training_args.text_learning_rate, decoder_learning_rate=decoder_lr,
-                         lookahead_steps=recipe["lookahead_steps"], lookahead_alpha=recipe["lookahead_alpha"],
-                         sgd_momentum=training_args.sgd_momentum, optimizer_name=recipe["optimizer_name"],
-                         adam_betas=recipe.get("adam_betas", (0.9, 0.999)))
-        collator = None
+    optimizer = RECIPES[training_args.recipe](training_args)
 
     def make_collator(train: bool):
-        if collator is MaskedReportCollator:
-            return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio)
-        return StudyReportCollator(processor, train=train, decoder_tokenizer=decoder_tokenizer)
+        return method.collator(processor, train, config, decoder_tokenizer)
 
     trainer = RefersTrainer(
         model=model,
@@ -411,6 +465,7 @@ def main(argv=None):
         data_collator=make_collator(data_args.augment),
         eval_data_collator=make_collator(False),
         processing_class=processor,
+        loss_parts=method.loss_parts,
         **optimizer,
     )
     logger.info(f"{training_args.world_size} process(es), {training_args.per_device_train_batch_size} studies each per "

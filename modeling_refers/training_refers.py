@@ -200,7 +200,7 @@ class RefersTrainer(Trainer):
     def __init__(self, *args, text_learning_rate: float | None = None, sgd_momentum: float = 0.9,
                  decoder_learning_rate: float | None = None, lookahead_steps: int = 0, lookahead_alpha: float = 0.5,
                  optimizer_name: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.95), eval_data_collator=None,
-                 **kwargs):
+                 loss_parts: tuple[str, ...] = LOGGED_LOSS_PARTS, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None:  # before the Trainer creates the Hub repo
             check_hub_arguments(training_args)
@@ -221,6 +221,7 @@ class RefersTrainer(Trainer):
         self.lookahead_alpha = float(lookahead_alpha)
         self.sgd_momentum = sgd_momentum
         self.eval_data_collator = eval_data_collator
+        self.loss_parts = tuple(loss_parts)  # the model output's loss parts to log (run_pretrain: the method's)
         self._loss_parts: dict[str, list[float]] = {}
         self._batch_ids: tuple[str, list] | None = None  # the ids of the batch being computed, for error messages
 
@@ -351,7 +352,7 @@ class RefersTrainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     def _refuse_non_finite_loss(self, loss, outputs, training: bool) -> None:
-        parts = {key: outputs.get(key) for key in LOGGED_LOSS_PARTS} if hasattr(outputs, "get") else {}
+        parts = {key: outputs.get(key) for key in self.loss_parts} if hasattr(outputs, "get") else {}
         values = {key: value for key, value in {"loss": loss, **parts}.items() if value is not None}
         bad = {key: value for key, value in values.items() if not torch.isfinite(value.detach()).all()}
         if not bad:
@@ -375,7 +376,7 @@ class RefersTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._refuse_non_finite_loss(loss, outputs, training=model.training)
         if model.training:
-            for key in LOGGED_LOSS_PARTS:
+            for key in self.loss_parts:
                 value = outputs.get(key) if hasattr(outputs, "get") else None
                 if value is not None:
                     self._loss_parts.setdefault(key, []).append(value.detach().float().item())

@@ -183,7 +183,7 @@ def test_run_pretrain_method_mrm(tmp_path, shared_data_dir):
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.05, 0.0}
     for entry in (e for e in trainer.state.log_history if "loss" in e):
         assert entry["loss_image"] + entry["loss_report"] == pytest.approx(entry["loss"], abs=2e-4)
-    with pytest.raises(ValueError, match="--recipe mrm goes with --method mrm"):
+    with pytest.raises(ValueError, match="--method mrm with --recipe mrm; got --method mrm --recipe paper"):
         pretrain_refers.main(["--output_dir", str(tmp_path / "x"), "--method", "mrm", "--recipe", "paper"])
 
 
@@ -198,8 +198,7 @@ def test_gradient_reaches_exactly_the_parameters_each_method_trains(studies, rad
         return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
 
     torch.manual_seed(0)
-    assert idle(MRMForPreTraining(tiny_config()), studies) == {"text_encoder.pooler.dense.weight",
-                                                                "text_encoder.pooler.dense.bias"}
+    assert idle(MRMForPreTraining(tiny_config()), studies) == set()  # BERT is built without its pooler
     joim = JoImTeRNetForPreTraining(JoImTeRNetForPreTraining.default_config(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         view_fusion_hidden_size=16, projection_dim=16, text_config=tiny_config().text_config.to_dict()))
