@@ -278,19 +278,19 @@ class SegmentationCollator:
         return {"pixel_values": torch.from_numpy(np.stack(pixels)), "labels": torch.from_numpy(np.stack(labels))}
 
 
-def _contour(mask: np.ndarray) -> Image.Image:
+def _contour(mask: np.ndarray, width: int = 2) -> Image.Image:
+    """The inner boundary (`width` pixels) of a binary mask, as a mode "L" image (255 on the boundary)."""
     region = Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    return Image.fromarray(np.asarray(region) & ~np.asarray(region.filter(ImageFilter.MinFilter(3))))
+    return Image.fromarray(np.asarray(region) & ~np.asarray(region.filter(ImageFilter.MinFilter(2 * width + 1))))
 
 
-def save_overlay(image: Image.Image, predicted: np.ndarray, true: np.ndarray, path: str, scale: int = 1) -> None:
-    """The radiograph with the true mask's contour in green and the predicted mask's in red (PNG)."""
-    size = predicted.shape[::-1]
-    base = image.convert("L").resize(size, Image.BILINEAR).convert("RGB")
+def save_overlay(image: Image.Image, predicted: np.ndarray, true: np.ndarray, path: str, size: int = 256) -> None:
+    """The radiograph at `size` x `size` with the true mask's contour in green and the predicted mask's in red (PNG);
+    the masks (at the model's resolution) are enlarged with nearest neighbour before their contours are drawn."""
+    base = image.convert("L").resize((size, size), Image.BILINEAR).convert("RGB")
     for mask, colour in ((true, (0, 255, 0)), (predicted, (255, 0, 0))):
-        base.paste(Image.new("RGB", size, colour), mask=_contour(mask))
-    if scale > 1:
-        base = base.resize((size[0] * scale, size[1] * scale), Image.NEAREST)
+        enlarged = np.asarray(Image.fromarray((mask > 0).astype(np.uint8)).resize((size, size), Image.NEAREST))
+        base.paste(Image.new("RGB", (size, size), colour), mask=_contour(enlarged))
     base.save(path)
 
 
@@ -324,11 +324,26 @@ def layer_decay_parameter_groups(model: RefersUperNetForSemanticSegmentation, le
 
 
 class SegmentationTrainer(Trainer):
-    """Trainer with MRM's layer-wise lr decay (`layer_decay` < 1) in AdamW's parameter groups."""
+    """Trainer with MRM's layer-wise lr decay (`layer_decay` < 1) in AdamW's parameter groups; evaluation and
+    prediction batches come from `eval_data_collator` (no flip) and keep every image (`dataloader_drop_last` holds
+    for training batches only)."""
 
-    def __init__(self, *args, layer_decay: float = 1.0, **kwargs):
+    def __init__(self, *args, layer_decay: float = 1.0, eval_data_collator=None, **kwargs):
         self.layer_decay = layer_decay
+        self.eval_data_collator = eval_data_collator
         super().__init__(*args, **kwargs)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        if is_training:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        saved = self.data_collator, self.args.dataloader_drop_last
+        self.data_collator = self.eval_data_collator or self.data_collator
+        self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator, self.args.dataloader_drop_last = saved
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.layer_decay != 1.0:
@@ -396,6 +411,9 @@ class SegmentationTrainingArguments(TrainingArguments):
     greater_is_better: bool | None = True
     batch_eval_metrics: bool = True
     remove_unused_columns: bool = False
+    # UperNet's pyramid pooling has a BatchNorm on a 1 x 1 map: a training batch needs 2 images (mmseg's iteration
+    # sampler never makes a short last batch)
+    dataloader_drop_last: bool = True
     report_to: None | str | list[str] = "none"
 
 
@@ -433,6 +451,23 @@ def load_segmentation_data(args: SegmentationArguments):
     return data
 
 
+def finished_run(checkpoint: str | None, output_dir: str):
+    """`(model folder, TrainerState)` when `checkpoint` is the last step of its run, else None: the model the run
+    ended with (`output_dir`'s, saved after training: the best checkpoint with `load_best_model_at_end`), or that best
+    checkpoint, or `checkpoint` itself when the run stopped before saving it."""
+    from transformers import TrainerState
+
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if not state.max_steps or state.global_step < state.max_steps:
+        return None
+    for source in (output_dir, state.best_model_checkpoint, checkpoint):
+        if source and os.path.isfile(os.path.join(source, "model.safetensors")):
+            return source, state
+    return None
+
+
 def _first(dataset, limit):
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
@@ -444,6 +479,9 @@ def main(argv=None) -> dict:
     from .training_refers import resume_checkpoint, write_run_signature
 
     # Inputs first: nothing is written before they are known good.
+    if training_args.do_train and training_args.per_device_train_batch_size < 2:
+        raise ValueError("--per_device_train_batch_size must be >= 2: UperNet's pyramid pooling normalises a 1 x 1 "
+                         "map with BatchNorm, which needs 2 images per batch in training (MRM: 2 per GPU)")
     data = load_segmentation_data(args)
     train_set = _first(data["train"], args.max_train_samples)
     eval_set = _first(data["validation"], args.max_eval_samples)
@@ -470,16 +508,21 @@ def main(argv=None) -> dict:
     if training_args.do_train:
         write_run_signature(training_args, signature)
 
+    eval_collator = SegmentationCollator(args.image_size, train=False)
     trainer = SegmentationTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=SegmentationCollator(args.image_size, train=True), compute_metrics=DiceMetric(),
-        layer_decay=args.layer_decay,
+        layer_decay=args.layer_decay, eval_data_collator=eval_collator,
     )
-    eval_collator = SegmentationCollator(args.image_size, train=False)
-    if training_args.do_train:
+    finished = finished_run(checkpoint, training_args.output_dir)
+    if finished is not None:  # the Trainer would resume a finished run mid-epoch and train one step more
+        source, state = finished
+        logger.info(f"{checkpoint} ends the run (step {state.global_step} of {state.max_steps}): evaluating {source}")
+        trainer.model = model = RefersUperNetForSemanticSegmentation.from_pretrained(source).to(trainer.args.device)
+        trainer.state = state
+    elif training_args.do_train:
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-    trainer.data_collator = eval_collator  # evaluation and test without augmentation
     validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
     test = trainer.evaluate(test_set, metric_key_prefix="test")
 
@@ -494,9 +537,9 @@ def main(argv=None) -> dict:
             predicted = model(pixel_values=batch["pixel_values"].to(model.device)).logits.argmax(1).cpu().numpy()
         dice = per_image_dice(predicted, batch["labels"].numpy())
         for index, row in enumerate(rows):
-            name = f"{index:02d}_{row.get('image_id', index)}.png"
+            name = f"{index:02d}_{os.path.splitext(str(row.get('image_id', index)))[0]}.png"
             save_overlay(row["image"], predicted[index], batch["labels"][index].numpy(),
-                         os.path.join(overlay_dir, name), scale=max(1, 256 // args.image_size))
+                         os.path.join(overlay_dir, name), size=max(256, args.image_size))
             overlays.append({"file": os.path.join("overlays", name), "dice": float(dice[index])})
 
     state = trainer.state
@@ -508,6 +551,7 @@ def main(argv=None) -> dict:
         "test_dice": test.get("test_dice"),
         "validation_dice": validation.get("eval_dice"),
         "test_loss": test.get("test_loss"),
+        "num_test_images_scored": test.get("test_num_images"),
         "num_images": {"train": len(train_set), "validation": len(eval_set), "test": len(test_set)},
         "metric": "MRM's medDice: mean per-image Dice on the pneumothorax class (empty truth: 1 if the prediction is "
                   "empty, else 0)",

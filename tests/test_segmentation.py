@@ -105,9 +105,9 @@ def test_feature_pyramid_rescales_as_mrm_neck(radiographs):
 
 
 def test_backbone_save_load_round_trip_and_auto_backbone(tmp_path, radiographs, local_hub):
-    """save_pretrained / from_pretrained, AutoBackbone from the Hub (transformers 5.25's `AutoBackbone.from_pretrained`
-    asks the Hub whether the name exists, so a local folder fails there for every model, Dinov2 included: the
-    offline test Hub serves the folder), and trust_remote_code in a fresh process without the package."""
+    """save_pretrained / from_pretrained, and AutoBackbone from the Hub (transformers 5.25's
+    `AutoBackbone.from_pretrained` asks the Hub whether the name exists, so a local folder fails there for every
+    model, Dinov2 included: the offline test Hub serves the folder)."""
     from huggingface_hub import create_repo, upload_folder
 
     config = tiny_config(out_indices=[0, 1, 2], feature_pyramid_rescales=[4, 2, 0.5])
@@ -130,6 +130,17 @@ def test_backbone_save_load_round_trip_and_auto_backbone(tmp_path, radiographs, 
     other = AutoBackbone.from_pretrained("org/refers-backbone", out_indices=[1, 2], feature_pyramid_rescales=[1, 0.5])
     assert other.out_features == ["stage1", "stage2"] and [tuple(m.shape[2:]) for m in other(pixels).feature_maps] \
         == [(4, 4), (2, 2)]
+
+
+def test_backbone_loads_with_trust_remote_code_without_the_package(tmp_path, radiographs, local_hub):
+    from huggingface_hub import create_repo, upload_folder
+
+    backbone = RefersBackbone(tiny_config(out_indices=[0, 1, 2], feature_pyramid_rescales=[4, 2, 0.5])).eval()
+    pixels = radiographs(1, size=32)
+    expected = backbone(pixels).feature_maps
+    backbone.save_pretrained(tmp_path / "bb")
+    create_repo("org/refers-backbone")
+    upload_folder(repo_id="org/refers-backbone", folder_path=tmp_path / "bb")
     torch.save(pixels, tmp_path / "x.pt")
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
@@ -324,16 +335,17 @@ def test_run_segment_end_to_end(tmp_path, shared_data_dir):
     RefersForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "ckpt")
     argv = ["--dataset_path", str(tmp_path / "data"), "--model_name_or_path", str(tmp_path / "ckpt"),
             "--out_indices", "0", "1", "2", "--feature_pyramid_rescales", "2", "1", "0.5", "--image_size", "32",
-            "--output_dir", str(tmp_path / "run"), "--do_train", "--max_steps", "4", "--eval_steps", "2",
+            "--output_dir", str(tmp_path / "run"), "--do_train", "--max_steps", "2", "--eval_steps", "2",
             "--save_steps", "2", "--warmup_steps", "0", "--learning_rate", "1e-3", "--layer_decay", "0.65",
             "--per_device_train_batch_size", "2", "--use_cpu", "--dataloader_num_workers", "0", "--num_overlays", "2",
             "--seed", "0"]
     results = main(argv)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert saved["init"] == "checkpoint" and saved["training"]["global_step"] == 4
+    assert saved["init"] == "checkpoint" and saved["training"]["global_step"] == 2
     assert 0.0 <= saved["test_dice"] <= 1.0 and 0.0 <= saved["validation_dice"] <= 1.0
     assert saved["num_images"] == {"train": len(data["train"]), "validation": 2, "test": 3}
+    assert saved["num_test_images_scored"] == 3  # no image dropped by a short last batch
     assert saved["backbone"]["out_features"] == ["stem", "stage1", "stage2"]
     assert len(saved["overlays"]) == 2
     overlay = Image.open(tmp_path / "run" / saved["overlays"][0]["file"])
@@ -350,10 +362,10 @@ def test_run_segment_end_to_end(tmp_path, shared_data_dir):
     for p, t in zip(predicted, true):
         by_hand.append(float(p.sum() == 0) if t.sum() == 0 else 2 * (p & t).sum() / (p.sum() + t.sum()))
     assert saved["test_dice"] == pytest.approx(float(np.mean(by_hand)))
-    assert (tmp_path / "run" / "checkpoint-4").is_dir()
-    # resumable: the same command again resumes checkpoint-4 (nothing left to train) and reports the same step
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    # resumable: the same command again resumes checkpoint-2 (nothing left to train) and reports the same step
     again = main(argv)
-    assert again["training"]["global_step"] == 4
+    assert again["training"]["global_step"] == 2 and again["test_dice"] == saved["test_dice"]
     # another run in the same folder is refused
     with pytest.raises(ValueError):
         main([*argv[:-2], "--seed", "1"])
@@ -367,3 +379,75 @@ def test_run_segment_refuses_bad_data(tmp_path):
     with pytest.raises(ValueError, match="lacks the column"):
         main(["--dataset_path", str(tmp_path / "bad"), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_backbone_from_an_mrm_pretraining_folder(tmp_path, radiographs):
+    """An MRM folder (model_type mrm, image decoder and BERT beside the encoder): only the neck is new and the
+    feature maps are its encoder's blocks."""
+    from modeling_refers import MRMForPreTraining
+
+    config = MRMForPreTraining.default_config(
+        **{k: v for k, v in TINY.items() if k not in ("aggregation", "use_view_fusion")}, mrm_decoder_hidden_size=16,
+        mrm_decoder_num_hidden_layers=1, mrm_decoder_num_attention_heads=2, mrm_decoder_intermediate_size=32,
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=64))
+    mrm = MRMForPreTraining(config).eval()
+    mrm.save_pretrained(tmp_path / "mrm")
+    model, init = build_segmentation_model(str(tmp_path / "mrm"), None, out_indices=[0, 1, 2], rescales=[4, 2, 1])
+    assert init == "checkpoint"
+    pixels = radiographs(2, size=32)
+    reference = mrm.refers(pixels, output_hidden_states=True).hidden_states
+    maps = model.backbone.eval()(pixels).feature_maps
+    torch.testing.assert_close(maps[2].flatten(2).transpose(1, 2), reference[2][:, 1:])
+
+
+from test_datasets_siim import siim  # noqa: E402,F401  (the SIIM stage-1 fixture: real radiographs as DICOM + RLE)
+
+
+@pytest.mark.filterwarnings("ignore:siim_acr_pneumothorax. split")
+def test_run_segment_on_the_siim_builder(tmp_path, siim):
+    """--dataset_name siim_acr_pneumothorax reads the Kaggle layout through the builder (pipeline check: 6 images)."""
+    results = main(["--dataset_name", "siim_acr_pneumothorax", "--data_dir", str(siim["root"]),
+                    "--config_overrides", TINY_OVERRIDES, "--out_indices", "0", "1", "2",
+                    "--feature_pyramid_rescales", "2", "1", "0.5", "--image_size", "32", "--output_dir",
+                    str(tmp_path / "run"), "--do_train", "--max_steps", "2", "--eval_strategy", "no",
+                    "--save_strategy", "no", "--load_best_model_at_end", "false", "--warmup_steps", "0",
+                    "--use_cpu", "--num_overlays", "1"])
+    assert results["init"] == "random" and results["training"]["global_step"] == 2
+    assert results["num_images"] == {"train": 3, "validation": 2, "test": 2}
+    assert 0.0 <= results["test_dice"] <= 1.0
+    assert (tmp_path / "run" / results["overlays"][0]["file"]).is_file()
+
+
+def test_trainer_evaluates_without_flips_and_keeps_every_image(tmp_path):
+    from datasets import Dataset
+    from modeling_refers.segmentation_refers import SegmentationCollator, SegmentationTrainer
+    from modeling_refers.segmentation_refers import SegmentationTrainingArguments
+
+    model, _ = build_segmentation_model(None, TINY_OVERRIDES, out_indices=[0, 1, 2], rescales=[2, 1, 0.5])
+    rows = Dataset.from_dict({"k": list(range(5))})
+    args = SegmentationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=2)
+    assert args.dataloader_drop_last  # training batches: the pyramid pooling's BatchNorm needs 2 images
+    trainer = SegmentationTrainer(model=model, args=args, eval_dataset=rows,
+                                  data_collator=SegmentationCollator(32, train=True),
+                                  eval_data_collator=SegmentationCollator(32, train=False))
+    train_loader = trainer._get_dataloader(rows, "Training", 2, is_training=True)
+    eval_loader = trainer.get_eval_dataloader(rows)
+    assert len(train_loader) == 2 and len(eval_loader) == 3
+    assert eval_loader.collate_fn.train is False and train_loader.collate_fn.train is True
+
+
+def test_overlay_draws_both_contours(tmp_path, shared_data_dir):
+    from modeling_refers.segmentation_refers import save_overlay
+
+    image = Image.open(sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[0])
+    true, predicted = np.zeros((32, 32), int), np.zeros((32, 32), int)
+    true[5:15, 10:20] = 1  # 80 x 80 pixels at 256: a 2-pixel inner boundary has 80^2 - 76^2 = 624
+    save_overlay(image, predicted, true, tmp_path / "o.png")
+    drawn = np.asarray(Image.open(tmp_path / "o.png"))
+    assert drawn.shape == (256, 256, 3)
+    assert (drawn == [0, 255, 0]).all(-1).sum() == 624 and (drawn == [255, 0, 0]).all(-1).sum() == 0
+    assert (drawn[40:42, 80:160] == [0, 255, 0]).all() and (drawn[42:118, 82:158] != [0, 255, 0]).any(-1).all()
+    predicted[20:30, 1:5] = 1  # 80 x 32 at 256: 80 * 32 - 76 * 28 = 432 red pixels, apart from the green box
+    save_overlay(image, predicted, true, tmp_path / "o.png")
+    assert (np.asarray(Image.open(tmp_path / "o.png")) == [255, 0, 0]).all(-1).sum() == 432
