@@ -22,7 +22,6 @@ otherwise it stops with the fields that differ. `--start_fresh` deletes the old 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -58,9 +57,10 @@ from datasets_scripts import (
 )
 from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
 from .evaluation import multilabel_auc, roc_curve_png
-from .file_utils import atomic_open, atomic_write_text, file_sha256
+from .file_utils import atomic_open, atomic_write_text
 from .hub_upload import check_hub_arguments
 from .model_card import dataset_display_name, make_model_card, save_model_card
+from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.labelled_images import NAME as LABELLED_IMAGES
 from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
@@ -197,8 +197,6 @@ SIGNATURE_TRAINING_FIELDS = (
     "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "seed", "data_seed", "bf16", "fp16", "eval_strategy", "eval_steps", "metric_for_best_model", "greater_is_better",
 )
-# Weight / config files of a starting checkpoint folder whose bytes identify it.
-_CHECKPOINT_FILES = re.compile(r"(config\.json|.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Images in the full public releases, to say when the data used is a subset.
 # Kermany: ChestXRay2017 has 5,856 images (5,232 train, 16 val, 624 test); copies without val/ hold 5,840.
@@ -308,16 +306,12 @@ def starting_point_signature(model_args: ModelArguments) -> dict:
     """Where the weights come from, by absolute path (or Hub id) and by content, so that a rewritten starting
     checkpoint counts as another starting point."""
     path = model_args.model_name_or_path
-    if path and os.path.isdir(path):
-        files = sorted(name for name in os.listdir(path)
-                       if _CHECKPOINT_FILES.fullmatch(name) and os.path.isfile(os.path.join(path, name)))
-        return {"model_name_or_path": os.path.abspath(path),
-                "model_sha256": {name: file_sha256(os.path.join(path, name)) for name in files}}
-    if path:
-        return {"model_name_or_path": path, "model_sha256": None}
+    if path:  # a local folder by absolute path and content, a Hub id by name (no local bytes: model_sha256 None)
+        return {"model_name_or_path": absolute(path) if os.path.exists(path) else path,
+                "model_sha256": checkpoint_sha256(path)}
     if model_args.timm_weights:
-        return {"timm_weights": os.path.abspath(model_args.timm_weights),
-                "timm_weights_sha256": file_sha256(model_args.timm_weights)}
+        return {"timm_weights": absolute(model_args.timm_weights),
+                "timm_weights_sha256": checkpoint_sha256(model_args.timm_weights)}
     return {}
 
 
@@ -328,16 +322,14 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
     signature = {
         "script": "run_finetune",
         "dataset_name": data_args.dataset_name,
-        "data_dir": os.path.abspath(data_dir),
-        "split_dir": os.path.abspath(split_dir) if split_dir else None,
+        "data_dir": absolute(data_dir),
+        "split_dir": absolute(split_dir),
         "label_ratio": data_args.label_ratio,
         "resize": data_args.resize,
-        "prepared_data_dir": os.path.abspath(data_args.prepared_data_dir) if data_args.prepared_data_dir else None,
-        "prepared_short_side": (read_prepared_metadata(data_args.prepared_data_dir)["short_side"]
-                                if data_args.prepared_data_dir else None),
-        "label_ids_path": os.path.abspath(data_args.label_ids_path) if data_args.label_ids_path else None,
+        **prepared_data_fields(data_args.prepared_data_dir),
+        "label_ids_path": absolute(data_args.label_ids_path),
         **({"data_options": own_data_options(data_args)} if own_data_options(data_args) else {}),
-        "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
+        "train_ids_sha256": ids_sha256(train_ids),
         "num_train_images": len(train_set),
         "num_eval_images": len(eval_set),
         "num_test_images": len(test_set),
@@ -346,8 +338,8 @@ def run_signature(model_args, data_args, training_args, init, data_dir, split_di
         **({"classifier_options": classifier_options(model_args)} if classifier_options(model_args) else {}),
         "world_size": training_args.world_size,
         **starting_point_signature(model_args),
+        **training_fields(training_args, SIGNATURE_TRAINING_FIELDS),
     }
-    signature.update({name: getattr(training_args, name) for name in SIGNATURE_TRAINING_FIELDS})
     return signature
 
 

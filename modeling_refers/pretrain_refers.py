@@ -29,7 +29,7 @@ import transformers
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
-from datasets_scripts.prepared_images import load_prepared_dataset, read_prepared_metadata, warn_if_upscaled
+from datasets_scripts.prepared_images import load_prepared_dataset, warn_if_upscaled
 from . import (
     JoImTeRNetConfig,
     MRMConfig,
@@ -46,6 +46,7 @@ from .modeling_joimternet import JoImTeRNetForPreTraining
 from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
+from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
     PRETRAINING_RECIPES,
