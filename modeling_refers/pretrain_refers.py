@@ -47,7 +47,6 @@ from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
-from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
     PRETRAINING_RECIPES,
     RESIZE_MODES,
