@@ -68,8 +68,15 @@ def test_backbone_out_features_indices_channels_and_plain_feature_maps(radiograp
         tokens = reference[stage][:, 1:]
         for i, j in ((0, 0), (1, 3), (3, 2)):
             torch.testing.assert_close(feature_map[:, :, i, j], tokens[:, 4 * i + j])
-    # hidden states only on request, as transformers' backbones
+    # hidden states only on request, as transformers' backbones; return_dict=False gives the tuple
     assert backbone(pixels).hidden_states is None
+    as_tuple = backbone(pixels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    for a, b in zip(as_tuple[0], out.feature_maps):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # stage selection after construction, as BackboneTesterMixin's test_create_from_modified_config
+    backbone.config.out_indices = [2]
+    assert backbone.out_features == ["stage2"] and len(backbone(pixels).feature_maps) == 1
 
 
 def test_backbone_defaults_to_last_stage_and_refuses_bad_outputs():
