@@ -19,6 +19,7 @@ and `configs/mrm/upernet_mrm-base_fp16_8x2_512x512_160k_siim.py`, read for this 
   decode head `FocalLoss(loss_weight=2.0) + DiceLoss(loss_weight=1.0, class_weight=[0, 1])`, auxiliary head
   `FocalLoss(loss_weight=0.8) + DiceLoss(loss_weight=0.4, class_weight=[0, 1])` (so "focal 2.0" in the paper's
   summary is the focal term's weight; its gamma is 2.0 too). Dice is on the pneumothorax class only;
+- backbone stochastic depth: drop path rising linearly to 0.1 over the blocks (`--drop_path_rate`);
 - data: pixels normalised with mean 0.4978, std 0.2449 (x 255 in mmseg), random horizontal flip 0.5 in training;
   images resized to `image_size` (MRM: 512, keep-ratio resize + pad; SIIM images are square, so the same);
 - metric: MRM's `medDice`, the mean over images of the per-image Dice on the pneumothorax class, an image with an
@@ -27,8 +28,7 @@ and `configs/mrm/upernet_mrm-base_fp16_8x2_512x512_160k_siim.py`, read for this 
   aggregation token), layer-wise lr decay 0.65 (`--layer_decay`), linear warm-up 1,500 steps then poly (power 1 =
   linear) decay to 0; batch 2 x 8 GPUs; validation Dice every 500 steps, the best checkpoint kept.
 Not reproduced: the official backbone is mmseg's BEiT block with a relative position bias (zero-initialised) and
-layer scale (init 1.0) and drop path 0.1: at initialisation it computes what these blocks compute, but it trains
-the extra parameters; MRM's heads have dropout 0.1 before the classifier (transformers' UperNet has none); the
+layer scale (init 1.0): at initialisation it computes what these blocks compute, but it trains the extra parameters; MRM's heads have dropout 0.1 before the classifier (transformers' UperNet has none); the
 position table is interpolated (bicubic) at every forward instead of once at load.
 """
 
@@ -181,10 +181,11 @@ def default_out_indices(num_hidden_layers: int, levels: int = 4) -> list[int]:
 
 
 def segmentation_backbone_config(config: RefersConfig, out_indices: list[int] | None = None,
-                                 rescales: list[float] | None = None) -> RefersConfig:
-    """A copy of `config` with the backbone outputs set: `out_indices` (default: MRM's blocks, scaled to the depth)
-    and the pyramid `rescales` (default MRM's [4, 2, 1, 0.5])."""
+                                 rescales: list[float] | None = None, drop_path_rate: float = 0.1) -> RefersConfig:
+    """A copy of `config` with the backbone outputs set: `out_indices` (default: MRM's blocks, scaled to the depth),
+    the pyramid `rescales` (default MRM's [4, 2, 1, 0.5]) and the stochastic depth (MRM's 0.1)."""
     config = RefersConfig.from_dict(config.to_dict())
+    config.drop_path_rate = drop_path_rate
     rescales = list(MRM_PYRAMID_RESCALES if rescales is None else rescales)
     config.out_indices = list(out_indices) if out_indices else default_out_indices(config.num_hidden_layers,
                                                                                  len(rescales))
@@ -208,8 +209,8 @@ def upernet_config(backbone_config: RefersConfig) -> UperNetConfig:
 
 
 def build_segmentation_model(model_name_or_path: str | None = None, config_overrides: str | None = None,
-                             out_indices: list[int] | None = None, rescales: list[float] | None = None
-                             ) -> tuple[RefersUperNetForSemanticSegmentation, str]:
+                             out_indices: list[int] | None = None, rescales: list[float] | None = None,
+                             drop_path_rate: float = 0.1) -> tuple[RefersUperNetForSemanticSegmentation, str]:
     """UperNet on a RefersBackbone initialised from a REFERS / MRM checkpoint folder (any of its classes: only the
     neck is new, the rest of the checkpoint's weights beyond the encoder are dropped; anything else missing raises),
     or random (`RefersConfig` + `config_overrides`). Returns the model and "checkpoint" or "random"."""
@@ -222,14 +223,14 @@ def build_segmentation_model(model_name_or_path: str | None = None, config_overr
         base = RefersConfig.from_dict(config_dict)
         if config_overrides:
             base.update_from_string(config_overrides)
-        config = segmentation_backbone_config(base, out_indices, rescales)
+        config = segmentation_backbone_config(base, out_indices, rescales, drop_path_rate)
         backbone, report = RefersBackbone.from_pretrained_checked(model_name_or_path, config=config)
         logger.info(f"backbone from {model_name_or_path}: {report}")
     else:
         base = RefersConfig(aggregation="none", use_view_fusion=False)
         if config_overrides:
             base.update_from_string(config_overrides)
-        config = segmentation_backbone_config(base, out_indices, rescales)
+        config = segmentation_backbone_config(base, out_indices, rescales, drop_path_rate)
         backbone = None
     model = RefersUperNetForSemanticSegmentation(upernet_config(config))
     if backbone is not None:
@@ -384,6 +385,7 @@ class SegmentationArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_predict_samples: int | None = field(default=None)
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Backbone stochastic depth (MRM 0.1)."})
     layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (MRM 0.65; 1 = none)."})
     num_overlays: int = field(default=4, metadata={"help": "Test images drawn with predicted and true contours."})
     start_fresh: bool = field(default=False, metadata={
@@ -487,7 +489,7 @@ def main(argv=None) -> dict:
     eval_set = _first(data["validation"], args.max_eval_samples)
     test_set = _first(data["test"], args.max_predict_samples)
     model, init = build_segmentation_model(args.model_name_or_path, args.config_overrides, args.out_indices,
-                                           args.feature_pyramid_rescales)
+                                           args.feature_pyramid_rescales, args.drop_path_rate)
     backbone_config = model.config.backbone_config
     logger.info(f"UperNet on RefersBackbone, initialised from {init}"
                 f"{' ' + args.model_name_or_path if args.model_name_or_path else ' (no checkpoint given)'}; "
@@ -499,7 +501,7 @@ def main(argv=None) -> dict:
         "model_name_or_path": args.model_name_or_path, "config_overrides": args.config_overrides,
         "out_indices": backbone_config.out_indices, "rescales": backbone_config.feature_pyramid_rescales,
         "image_size": args.image_size, "seed": training_args.seed, "learning_rate": training_args.learning_rate,
-        "layer_decay": args.layer_decay, "max_steps": training_args.max_steps,
+        "layer_decay": args.layer_decay, "max_steps": training_args.max_steps, "drop_path_rate": args.drop_path_rate,
     }
     checkpoint = None
     if training_args.do_train:

@@ -210,6 +210,10 @@ def test_mrm_upernet_heads_and_loss(radiographs):
     config = model.config
     assert config.hidden_size == 32 and list(config.pool_scales) == [1, 2, 3, 6] and config.auxiliary_channels == 256
     assert model.config.backbone_config.feature_pyramid_rescales == [2, 1, 0.5]
+    # MRM's drop path 0.1, rising over the blocks (timm's rule): 0 for block 1, 0.1 for the last
+    assert model.config.backbone_config.drop_path_rate == 0.1
+    assert [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.backbone.layers] == pytest.approx([0.0, 0.1])
+    model.eval()  # no stochastic depth in the hand computation below
     pixels, labels = radiographs(2, size=32), (torch.rand(2, 32, 32) > 0.8).long()
     out = model(pixel_values=pixels, labels=labels)
     features = model.backbone(pixels).feature_maps
