@@ -10,6 +10,10 @@
   features of the study to every token embedding; cross-entropy on masked positions only.
 - Loss = image + report, 1:1.
 
+`MRMConfig.from_official()` runs MRM as its official code does instead (decoder 768 x 4 blocks, fixed sin-cos
+positions, the 448-px target resized bicubic without antialias, the latent after BERT's embeddings' LayerNorm, xavier
+initialisation; the data side in `mrm_official.py`); each difference is one `MRMConfig` field.
+
 Built on REFERS's radiograph transformer and BERT report encoder (subclass of `RefersForPreTraining`); configured by
 [`MRMConfig`] (`model_type="mrm"`).
 """
@@ -19,13 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, ViTMAEConfig
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mrm import MRMConfig
-from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel
+from .modeling_refers import RefersBackbone, RefersForImageClassification, RefersForPreTraining, RefersModel
 
 
 def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None):
@@ -38,6 +43,29 @@ def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, g
     mask = torch.ones(num_images, num_patches, device=device)
     mask[:, :keep] = 0
     return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def mrm_2d_sincos_position_embedding(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """MRM's fixed 2-D sin-cos position table (`model_mrm.py` builds both the encoder's and the decoder's with the
+    `get_2d_sincos_pos_embed` of MAE's `util/pos_embed.py`): `(1 + grid_size**2, embed_dim)` with `cls_token` (a zero
+    first row), patches in row-major order. A patch in row r, column c gets `[sin(c w), cos(c w), sin(r w), cos(r w)]`
+    with `w_i = 1 / 10000 ** (i / (embed_dim / 4))`, i < embed_dim / 4: the column first (MAE's grid is
+    `meshgrid(w, h)`). Computed in float64, returned in float32."""
+    if embed_dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width that is a multiple of 4, got {embed_dim}.")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, columns = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                   torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+
+    def one_axis(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([one_axis(columns), one_axis(rows)], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table])
+    return table.float()
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -73,12 +101,20 @@ class MRMForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class MRMBackbone(RefersBackbone):
+    """[`RefersBackbone`] for a MRM folder: what `AutoBackbone` loads from it (feature maps for dense heads such as
+    UperNet)."""
+
+    config_class = MRMConfig
+    _loadable_by = {"AutoBackbone": "modeling_mrm.MRMBackbone"}
+
+
 class MRMModel(RefersModel):
     """[`RefersModel`] for an MRM folder (`model_type="mrm"`): what `AutoModel` loads from it (the image decoder and
     report branch are dropped)."""
 
     config_class = MRMConfig
-    _loadable_by = {"AutoModel": "modeling_mrm.MRMModel",
+    _loadable_by = {"AutoBackbone": "modeling_mrm.MRMBackbone", "AutoModel": "modeling_mrm.MRMModel",
                     "AutoModelForImageClassification": "modeling_mrm.MRMForImageClassification"}
 
 
@@ -138,12 +174,66 @@ class MRMForPreTraining(RefersForPreTraining):
         # layer keeps its own bias and this copy would sit idle
         self.report_head.predictions.bias.requires_grad_(False)
         self.text_projection = None  # MRM predicts report words; it does not embed whole reports
+        self._freeze_official_tables()
+
+    def _freeze_official_tables(self) -> None:
+        # the official encoder and decoder tables are fixed (requires_grad=False): again after loading, where
+        # transformers' from_pretrained hands back trainable parameters
+        if self.config.mrm_position_embeddings == "sincos":
+            self.refers.embeddings.position_embeddings.requires_grad_(False)
+            self.image_decoder.decoder_pos_embed.requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ViTMAEDecoder):  # fixed 2-D sin-cos positions, mask token N(0, 0.02), as ViT-MAE
             module.initialize_weights(self.config.num_patches)
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers' initialisation (every sub-model's own, BERT's included), then, where the config asks, the
+        official code's on top (model_mrm.MRM.initialize_weights also runs after BertForMaskedLM's) and the fixed
+        sin-cos encoder table. Through `transformers.initialization`, so weights loaded from a checkpoint are kept."""
+        super().initialize_weights()
+        self._freeze_official_tables()
+        if self.config.mrm_initialization == "xavier":
+            self._init_official_weights()
+        if self.config.mrm_position_embeddings == "sincos":
+            table = mrm_2d_sincos_position_embedding(self.config.hidden_size, self.config.image_size // self.config.patch_size)
+            positions = self.refers.embeddings.position_embeddings
+            init.copy_(positions, table[None].to(positions.device, positions.dtype))
+
+    @torch.no_grad()
+    def _init_official_weights(self) -> None:
+        """The official initialisation (model_mrm.MRM.initialize_weights on top of BERT's own): xavier-uniform for every
+        Linear with zero bias, the encoder's and decoder's q, k, v with the bounds of timm's fused qkv Linear(d, 3d),
+        the patch embedding's weight as a Linear (its bias PyTorch's default), class and mask tokens N(0, 0.02),
+        LayerNorms 1 / 0; BERT's word embeddings get the xavier matrix of the masked-LM decoder tied to them (copied
+        here, where the two are separate weights)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+        for part in (self.refers, self.image_decoder):
+            for module in part.modules():
+                if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+                    for projection in (module.q_proj, module.k_proj, module.v_proj):
+                        width = projection.in_features
+                        bound = (6.0 / (width + 3 * width)) ** 0.5
+                        init.uniform_(projection.weight, -bound, bound)
+        patches = self.refers.embeddings.patch_embeddings.projection
+        fan_in = patches.weight[0].numel()
+        bound = (6.0 / (fan_in + patches.weight.shape[0])) ** 0.5
+        init.uniform_(patches.weight, -bound, bound)
+        if patches.bias is not None:
+            init.uniform_(patches.bias, -fan_in**-0.5, fan_in**-0.5)
+        init.normal_(self.refers.embeddings.cls_token, std=0.02)
+        init.normal_(self.image_decoder.mask_token, std=0.02)
+        init.copy_(self.text_encoder.embeddings.word_embeddings.weight, self.report_head.predictions.decoder.weight)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """As transformers', and the MAE image decoder (a plain module with its own `ViTMAEConfig`) follows."""
@@ -155,6 +245,17 @@ class MRMForPreTraining(RefersForPreTraining):
     def default_config(cls, **overrides) -> MRMConfig:
         """An [`MRMConfig`] (MRM's defaults), then `overrides`."""
         return MRMConfig(**overrides)
+
+    def encoder_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """`(n, C, S, S)` -> `(n, C, image_size, image_size)`: with the super-resolution target (S =
+        `mrm_reconstruction_size`) the encoder sees the image resized by `mrm_resize_mode` / `mrm_resize_antialias`
+        (the paper's reading: bilinear with antialias; the official code: bicubic without); at `image_size`, as is."""
+        if images.shape[-1] == self.config.image_size:
+            return images
+        mode = self.config.mrm_resize_mode
+        return nn.functional.interpolate(images, size=(self.config.image_size,) * 2, mode=mode,
+                                         antialias=self.config.mrm_resize_antialias,
+                                         align_corners=False if mode in ("bilinear", "bicubic") else None)
 
     def encode_visible(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor, **kwargs) -> torch.Tensor:
         """The radiograph transformer on the visible patches only: `(n, C, H, W)`, `ids_keep` `(n, K)` ->
@@ -189,10 +290,7 @@ class MRMForPreTraining(RefersForPreTraining):
                 else view_mask.bool())
         images = pixel_values[real]  # (n, C, H, W): the real views
         owner = real.nonzero()[:, 0]  # the study of each real view
-        inputs = images
-        if images.shape[-1] != self.config.image_size:  # super-resolution: the encoder sees the image at image_size
-            inputs = nn.functional.interpolate(images, size=(self.config.image_size,) * 2, mode="bilinear",
-                                               antialias=True, align_corners=False)
+        inputs = self.encoder_inputs(images)
         ids_keep, mask, ids_restore = random_patch_masking(inputs.shape[0], self.config.num_patches,
                                                            self.config.mrm_mask_ratio, generator, inputs.device)
         flags = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
@@ -207,9 +305,16 @@ class MRMForPreTraining(RefersForPreTraining):
             study_mean = torch.zeros(batch_size, visible_mean.shape[-1], dtype=visible_mean.dtype,
                                      device=visible_mean.device).index_add(0, owner, visible_mean)
             study_mean = study_mean / real.sum(dim=1, keepdim=True).clamp_min(1)
-            embeddings = self.text_encoder.embeddings.word_embeddings(input_ids)
-            embeddings = embeddings + self.report_condition(study_mean)[:, None]
-            text = self.text_encoder(inputs_embeds=embeddings, attention_mask=attention_mask)
+            condition = self.report_condition(study_mean)[:, None]  # (B, 1, text width)
+            if self.config.mrm_report_condition == "embeddings_output":  # official: after LayerNorm and dropout
+                hook = self.text_encoder.embeddings.register_forward_hook(lambda module, args, out: out + condition)
+                try:
+                    text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+                finally:
+                    hook.remove()
+            else:  # the paper's reading: added to the word embeddings, before positions and LayerNorm
+                embeddings = self.text_encoder.embeddings.word_embeddings(input_ids) + condition
+                text = self.text_encoder(inputs_embeds=embeddings, attention_mask=attention_mask)
             report_logits = self.report_head(text.last_hidden_state)
             if labels is not None and return_loss:
                 loss_report = nn.functional.cross_entropy(report_logits.flatten(0, 1), labels.flatten(),
@@ -220,4 +325,5 @@ class MRMForPreTraining(RefersForPreTraining):
                                        reconstruction=reconstruction, mask=mask, report_logits=report_logits)
 
 
-__all__ = ["MRMForImageClassification", "MRMForPreTraining", "MRMModel", "masked_patch_loss", "patchify", "random_patch_masking"]
+__all__ = ["MRMBackbone", "MRMForImageClassification", "MRMForPreTraining", "MRMModel", "masked_patch_loss",
+           "mrm_2d_sincos_position_embedding", "patchify", "random_patch_masking"]
