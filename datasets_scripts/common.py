@@ -3,14 +3,13 @@
 Every builder reads the files as distributed, validates everything (tables, image files, labels) in
 Python, and only then creates in-memory `datasets.Dataset`s with `Dataset.from_dict`. No Arrow cache is
 written, so a failed build leaves nothing behind and a re-run after fixing the input always re-reads the
-files. (The one thing written is VinBigData's DICOM -> 8-bit PNG conversion: complete files, each written
-atomically.) Image columns hold absolute file paths; `datasets.Image()` decodes them lazily.
+files. (What builders write, e.g. VinBigData's DICOM -> 8-bit PNG conversion and the id files, is written
+atomically through `modeling_refers.file_utils`.) Image columns hold absolute file paths; `datasets.Image()` decodes them lazily.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import math
 import os
@@ -24,8 +23,6 @@ import pandas as pd
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, NamedSplit, Value
 from datasets.utils.tqdm import tqdm
-
-from modeling_refers.file_utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +357,3 @@ def warn_missing_positives(
                 f"{', '.join(repr(m) for m in missing)}",
                 stacklevel=3,
             )
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset
 
-from .common import InvalidDataError, atomic_write_json, label_presence
+from modeling_refers.file_utils import atomic_write_json
+
+from .common import InvalidDataError, label_presence
 
 logger = logging.getLogger(__name__)
 

@@ -117,7 +117,8 @@ def write_mrm_label_ids(dataset_name: str, split_dir: str | os.PathLike, label_r
     """Writes the `image_id`s of MRM's training list for `label_ratio` as an id file of `sample_label_ratio`'s format,
     so that `select_by_ids(full_train, output_path)` (run_finetune's `--label_ids_path`) trains on exactly MRM's 1% /
     10% images of the full (label_ratio=1.0) training split. Returns the ids, in list order."""
-    from .common import atomic_write_json
+    from modeling_refers.file_utils import atomic_write_json
+
     from .label_ratio import ID_FILE_FORMAT
 
     if dataset_name not in _ID_OF_ENTRY:

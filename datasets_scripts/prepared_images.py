@@ -56,7 +56,7 @@ import PIL.Image
 from datasets import Dataset, DatasetDict, Features, Image, List, concatenate_datasets, load_from_disk
 from filelock import FileLock
 
-from .common import atomic_write_json
+from modeling_refers.file_utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from .modeling_refers import (
     TimmLoadReport,
     convert_timm_vit_state_dict,
 )
-from .processing_refers import RefersProcessor, select_views, swap_left_right, train_report_tokenizer
+from .processing_refers import RefersProcessor, select_views, swap_left_right
+from .report_tokenizer import train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_joimternet import JoImTeRNetForImageClassification, JoImTeRNetForPreTraining, JoImTeRNetModel
 from .modeling_mrm import MRMForImageClassification, MRMForPreTraining, MRMModel

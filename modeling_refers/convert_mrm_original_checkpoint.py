@@ -28,8 +28,8 @@ image decoder (the released `mrm()`: 6 heads of 768), each replaceable by a flag
         [--num_attention_heads 12] [--text_num_attention_heads 6] [--decoder_num_attention_heads 6] \
         [--allow_unknown_keys] [--overwrite]
 
-The reader, the report and the atomic folder writing are the REFERS converter's
-([`convert_refers_original_checkpoint`]).
+The reader and the report are the REFERS converter's ([`convert_refers_original_checkpoint`]); the folder is written
+atomically by `file_utils.write_folder_atomically`, as there.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 from .configuration_refers import RefersConfig
-from .convert_refers_original_checkpoint import ConversionReport, _write_folder_atomically, load_official_checkpoint
+from .convert_refers_original_checkpoint import ConversionReport, load_official_checkpoint
+from .file_utils import write_folder_atomically
 from .modeling_mrm import MRMForPreTraining
 from .modeling_refers import RefersForImageClassification, convert_timm_vit_state_dict
 from transformers.utils import logging
@@ -420,7 +421,7 @@ def convert_mrm_original_checkpoint(
         if mine.keys() != theirs.keys() or any(not torch.equal(mine[key], theirs[key]) for key in mine):
             raise RuntimeError(f"The weights written to {os.fspath(folder)!r} do not read back identically.")
 
-    _write_folder_atomically(save, output_dir, overwrite)
+    write_folder_atomically(save, output_dir, overwrite)
     logger.warning(
         f"Converted {os.fspath(checkpoint_path)} -> {os.fspath(output_dir)} ({type(model).__name__}):\n{report}")
     return output_dir, report

@@ -45,8 +45,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .configuration_refers import AGGREGATION_MODES, RefersConfig
-from .file_utils import give_default_modes
+from .file_utils import write_folder_atomically
 from .modeling_refers import REFERS_ONLY_PREFIXES, RefersForImageClassification, RefersModel
 from transformers.utils import logging
 
@@ -449,44 +447,6 @@ def convert_official_state_dict(
     return converted, report
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _write_folder_atomically(save, output_dir: Path, overwrite: bool) -> None:
-    """`save(tmp_dir)` into a temporary sibling of `output_dir`, then rename it into place; on any failure the
-    temporary folder is removed and an existing `output_dir` is left as it was."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output_dir {os.fspath(output_dir)!r} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output_dir {os.fspath(output_dir)!r} exists and is not empty; pass overwrite=True (--overwrite) to "
-            "replace it."
-        )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        save(tmp_dir)
-        # mkdtemp makes the folder 0700 and safetensors writes the weights 0600: give both the modes mkdir() / open()
-        # would, so the converted folder is as readable as any other the umask allows.
-        give_default_modes(tmp_dir, include_folder=True)
-        if output_dir.is_dir() and any(output_dir.iterdir()):
-            backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, backup)  # onto the empty folder mkdtemp made
-            try:
-                os.replace(tmp_dir, output_dir)
-            except BaseException:
-                os.replace(backup, output_dir)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, output_dir)  # replaces an empty output_dir
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
 def convert_refers_original_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -621,7 +581,7 @@ def convert_refers_original_checkpoint(
         if mine.keys() != theirs.keys() or any(not torch.equal(mine[key], theirs[key]) for key in mine):
             raise RuntimeError(f"The weights written to {os.fspath(folder)!r} do not read back identically.")
 
-    _write_folder_atomically(save, output_dir, overwrite)
+    write_folder_atomically(save, output_dir, overwrite)
     logger.warning(
         f"Converted {os.fspath(checkpoint_path)} -> {os.fspath(output_dir)} ({type(model).__name__}):\n{report}"
     )

@@ -16,8 +16,8 @@ from modeling_refers.processing_refers import (
     add_decoder_labels,
     select_views,
     swap_left_right,
-    train_report_tokenizer,
 )
+from modeling_refers.report_tokenizer import train_report_tokenizer
 
 
 SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}
