@@ -36,7 +36,7 @@ def _have_shared_data() -> bool:
 # versions. Warnings that libraries raise about their own internals are left alone. Subprocesses (the example
 # scripts, torchrun) are checked by `own_deprecation_warnings` on their stderr.
 # Our modules: the packages, the example scripts when a test imports them, and the copies trust_remote_code loads.
-OWN_MODULES = r"(modeling_refers|datasets_scripts|transformers_modules|run_\w+|quickstart|prepare_images|push_refers_to_hub)(\.|$)"
+OWN_MODULES = r"(modeling_refers|datasets_scripts|transformers_modules|run_\w+|quickstart|prepare_images|push_refers_to_hub)(\..*)?$"
 
 
 def pytest_configure(config):
