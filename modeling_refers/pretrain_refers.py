@@ -45,6 +45,7 @@ from .hub_upload import check_hub_arguments
 from .modeling_joimternet import JoImTeRNetForPreTraining
 from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
+from .mrm_official import OfficialMaskedReportCollator, load_mrm_tokenizer
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
@@ -95,7 +96,17 @@ def mrm_recipe(training_args) -> dict:
                 text_learning_rate=None, decoder_learning_rate=None, lookahead_steps=0)
 
 
-RECIPES: dict[str, Callable] = {**{name: refers_recipe(name) for name in PRETRAINING_RECIPES}, "mrm": mrm_recipe}
+def mrm_official_recipe(training_args) -> dict:
+    """MRM's official code (main_pretrain.py, run.sh, util/misc.py): `mrm_recipe`, and warm-up over the first 20% of
+    the run (run.sh: 40 of 200 epochs; --warmup_steps 0.2), no gradient clipping (--max_grad_norm 0: the code's loss
+    scaler is called without clip_grad). Its configuration is `MRMConfig.from_official()` (see `ConfigPreset`)."""
+    training_args.warmup_steps = 40 / 200
+    training_args.max_grad_norm = 0.0
+    return mrm_recipe(training_args)
+
+
+RECIPES: dict[str, Callable] = {**{name: refers_recipe(name) for name in PRETRAINING_RECIPES}, "mrm": mrm_recipe,
+                                "mrm_official": mrm_official_recipe}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,8 +120,24 @@ def study_report_collator(processor, train: bool, config, decoder_tokenizer):
 
 
 def masked_report_collator(processor, train: bool, config, decoder_tokenizer):
-    """MRM: studies and their reports with `config.mrm_report_mask_ratio` of the words masked."""
-    return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio)
+    """MRM: studies and their reports with `config.mrm_report_mask_ratio` of the words masked; MRM's own masking,
+    tokenisation and images (`OfficialMaskedReportCollator`) where the config asks for them."""
+    if config.mrm_report_masking == "official":
+        return OfficialMaskedReportCollator(processor, train=train, config=config)
+    return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio,
+                                loss_positions=config.mrm_report_loss_positions)
+
+
+@dataclass(frozen=True)
+class ConfigPreset:
+    """A recipe that also fixes the model and its data, as MRM's official code does: `config` makes the configuration
+    (`--config_overrides` apply on top), `tokenizer` loads the report tokenizer from the local file that
+    `--tokenizer_name_or_path` must name (`tokenizer_help` says which), and the report encoder is trained from
+    scratch (`--text_encoder_name_or_path` is not read)."""
+
+    config: Callable[[], RefersConfig]
+    tokenizer: Callable[[str], object]
+    tokenizer_help: str
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,7 @@ class PretrainingMethod:
     loss_parts: the loss parts its model output carries (summing to `loss`), logged beside `loss`.
     idle_parameters: `config -> bool`, whether some parameters get no gradient (DDP must then search for them).
     description: one line for `--help`.
+    presets: `--recipe` name -> the `ConfigPreset` that recipe brings (MRM's official code: `mrm_official`).
     """
 
     config_class: type[RefersConfig]
@@ -133,6 +161,7 @@ class PretrainingMethod:
     loss_parts: tuple[str, ...]
     idle_parameters: Callable[[RefersConfig], bool]
     description: str
+    presets: dict[str, ConfigPreset] = field(default_factory=dict)
 
 
 PRETRAINING_METHODS: dict[str, PretrainingMethod] = {
@@ -148,9 +177,12 @@ PRETRAINING_METHODS: dict[str, PretrainingMethod] = {
         ("loss_global", "loss_local"), lambda config: not config.use_view_fusion,
         "global image-report and local region-word matching, DAMSM"),
     "mrm": PretrainingMethod(
-        MRMConfig, MRMForPreTraining, masked_report_collator, ("mrm",), ("loss_image", "loss_report"),
+        MRMConfig, MRMForPreTraining, masked_report_collator, ("mrm", "mrm_official"), ("loss_image", "loss_report"),
         lambda config: config.use_view_fusion,  # MRM leaves a view fusion untrained
-        "masked record modeling: MAE on the radiograph transformer + masked report words"),
+        "masked record modeling: MAE on the radiograph transformer + masked report words",
+        presets={"mrm_official": ConfigPreset(
+            MRMConfig.from_official, load_mrm_tokenizer,
+            "the local mimic_wordpiece.json of RL4M/MRM-pytorch (a copy in ../shared/data/mrm/)")}),
 }
 
 
@@ -217,8 +249,10 @@ class PretrainingArguments(TrainingArguments):
                 "'paper' (report decoder and BERT at --text_learning_rate, no Lookahead), 'official' (the released "
                 "code: decoder at --learning_rate, only BERT at --text_learning_rate, SGD inside Lookahead k 5, "
                 "alpha 0.5), 'adamw' (the paper's two learning rates with AdamW (0.9, 0.999) instead of SGD: what a "
-                "random ViT needs to learn in hundreds of steps) or 'mrm' (MRM's: AdamW (0.9, 0.95), one learning rate 1.5e-4 x total batch / 256 and "
-                "weight decay 0.05, replacing --learning_rate, --text_learning_rate and --weight_decay)."})
+                "random ViT needs to learn in hundreds of steps), 'mrm' (MRM's: AdamW (0.9, 0.95), one learning rate 1.5e-4 x total batch / 256 and "
+                "weight decay 0.05, replacing --learning_rate, --text_learning_rate and --weight_decay) or "
+                "'mrm_official' (MRM exactly as its official code: 'mrm', warm-up 20% of the run, no gradient "
+                "clipping, MRMConfig.from_official(), BERT from scratch on --tokenizer_name_or_path mimic_wordpiece.json)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Radiograph transformer learning rate."})
     text_learning_rate: float = field(default=3e-4, metadata={
         "help": "BERT (and, with --recipe paper, report decoder) learning rate."})
@@ -257,7 +291,10 @@ class PretrainingArguments(TrainingArguments):
 
 def build_tokenizers(model_args, train_reports, output_dir, training_args):
     """(text tokenizer, decoder tokenizer or None). A decoder vocabulary is trained and saved by the main process;
-    the others then load it (one writer, one vocabulary)."""
+    the others then load it (one writer, one vocabulary). A recipe's `ConfigPreset` loads its own tokenizer."""
+    preset = PRETRAINING_METHODS[model_args.method].presets.get(training_args.recipe)
+    if preset is not None:
+        return preset.tokenizer(model_args.tokenizer_name_or_path), None
     name = model_args.tokenizer_name_or_path or model_args.text_encoder_name_or_path
     decoder_tokenizer = None
     if model_args.report_tokenizer_vocab_size:
@@ -279,13 +316,14 @@ def build_tokenizers(model_args, train_reports, output_dir, training_args):
     return decoder_tokenizer, None  # one trained tokenizer serves both
 
 
-def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
+def build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe: str | None = None):
     method = PRETRAINING_METHODS[model_args.method]
     model_class = method.model_class
+    preset = method.presets.get(recipe)
     if model_args.model_name_or_path:
         return model_class.from_pretrained(model_args.model_name_or_path)
     config = (method.config_class.from_pretrained(model_args.config_name) if model_args.config_name
-              else method.config_class())
+              else preset.config() if preset is not None else method.config_class())
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
         config.check_architecture()
@@ -294,7 +332,7 @@ def build_model(model_args, data_args, tokenizer, decoder_tokenizer):
     config.bos_token_id, config.eos_token_id = decoder_ids.cls_token_id, decoder_ids.sep_token_id
     config.pad_token_id = decoder_ids.pad_token_id
     config.decoder_vocab_size = len(decoder_ids)
-    text_encoder = model_args.text_encoder_name_or_path
+    text_encoder = model_args.text_encoder_name_or_path if preset is None else None  # a preset's starts from scratch
     if config.use_study_report_consistency and text_encoder and text_encoder.lower() != "none":
         model = model_class.from_text_encoder_pretrained(
             text_encoder, config=config, decoder_vocab_size=len(decoder_ids))
@@ -323,6 +361,10 @@ def check_inputs(model_args, data_args, training_args) -> None:
         raise ValueError(f"--recipe {training_args.recipe} goes with --method {' or '.join(owners)}, and --method "
                          f"{model_args.method} with --recipe {' or '.join(method.recipes)}; got --method "
                          f"{model_args.method} --recipe {training_args.recipe}")
+    preset = method.presets.get(training_args.recipe)
+    if preset is not None and not model_args.tokenizer_name_or_path:
+        raise ValueError(f"--recipe {training_args.recipe} needs --tokenizer_name_or_path: {preset.tokenizer_help}; "
+                         "nothing is downloaded.")
     if data_args.resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {data_args.resize!r}")
     for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
@@ -442,7 +484,7 @@ def main(argv=None):
 
     tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir,
                                                     training_args)
-    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer)
+    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe=training_args.recipe)
     config = model.config
     method = PRETRAINING_METHODS[model_args.method]
     # the processor delivers the size the model reads (MRM's super-resolution target: larger than its encoder's input)

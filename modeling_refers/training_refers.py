@@ -127,12 +127,14 @@ class StudyReportCollator:
 class MaskedReportCollator:
     """Source-domain rows -> MRM inputs: the processor's studies, and the report with `mask_ratio` of its words
     masked whole (transformers' `DataCollatorForLanguageModeling(whole_word_mask=True)`, every masked token replaced
-    by [MASK]); `labels` hold the original ids at masked tokens, -100 elsewhere. Left/right are swapped in the
-    report when a study is flipped, as for REFERS."""
+    by [MASK]); `labels` hold the original ids at masked tokens, -100 elsewhere (`loss_positions="masked"`), or at
+    every position, padding included (`"all"`, MRM's official loss). Left/right are swapped in the report when a
+    study is flipped, as for REFERS."""
 
     processor: object
     train: bool
     mask_ratio: float = 0.5
+    loss_positions: str = "masked"
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -150,6 +152,8 @@ class MaskedReportCollator:
             masker.generator = torch.Generator().manual_seed(0)
         input_ids, labels = masker.torch_mask_tokens(encoded["input_ids"].clone(), encoded["special_tokens_mask"],
                                                      encoded["offset_mapping"])
+        if self.loss_positions == "all":
+            labels = encoded["input_ids"].clone()
         batch["input_ids"], batch["attention_mask"], batch["labels"] = input_ids, encoded["attention_mask"], labels
         return dict(batch)
 

@@ -449,3 +449,72 @@ def test_xavier_initialisation_of_every_linear():
     paper = MRMForPreTraining(tiny(official=False, hidden_size=96, intermediate_size=384))
     assert abs(paper.refers.layers[0].mlp.fc1.weight.std().item() - 0.02) < 0.002
     assert not paper.refers.embeddings.cls_token.any()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The switch in run_pretrain: --recipe mrm_official
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_recipe_mrm_official_warms_up_a_fifth_and_does_not_clip():
+    from types import SimpleNamespace
+
+    from modeling_refers.pretrain_refers import RECIPES
+
+    args = SimpleNamespace(per_device_train_batch_size=32, gradient_accumulation_steps=2, world_size=4,
+                           learning_rate=3e-3, weight_decay=1e-4, warmup_steps=0.0333, max_grad_norm=10.0)
+    optimizer = RECIPES["mrm_official"](args)
+    assert args.warmup_steps == pytest.approx(40 / 200) and args.max_grad_norm == 0.0  # run.sh; no clip_grad
+    assert args.learning_rate == pytest.approx(1.5e-4) and args.weight_decay == 0.05  # 1.5e-4 x 256 / 256
+    assert optimizer["optimizer_name"] == "adamw" and optimizer["adam_betas"] == (0.9, 0.95)
+
+
+def test_run_pretrain_recipe_mrm_official(tmp_path, shared_data_dir, vocab_file):
+    from modeling_refers import MRMForPreTraining, pretrain_refers
+
+    common = ["--method", "mrm", "--recipe", "mrm_official", "--data_dir", str(shared_data_dir / "covid19_collection"),
+              "--config_overrides", "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,"
+              "intermediate_size=64,mrm_reconstruction_size=64,mrm_decoder_hidden_size=16,"
+              "mrm_decoder_num_hidden_layers=1,mrm_decoder_num_attention_heads=2,mrm_decoder_intermediate_size=32",
+              "--text_config_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64",
+              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_train_samples", "8",
+              "--max_eval_samples", "4", "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1",
+              "--logging_steps", "1", "--use_cpu", "--dataloader_pin_memory", "false", "--do_train"]
+    with pytest.raises(ValueError, match="--recipe mrm_official needs --tokenizer_name_or_path: the local "
+                                         "mimic_wordpiece.json"):
+        pretrain_refers.main(["--output_dir", str(tmp_path / "x"), *common])
+    trainer = pretrain_refers.main(["--output_dir", str(tmp_path / "run"), "--tokenizer_name_or_path", str(vocab_file),
+                                    *common])
+    model, args = trainer.model, trainer.args
+    assert type(model) is MRMForPreTraining
+    config = model.config
+    assert (config.mrm_position_embeddings, config.mrm_report_condition, config.mrm_initialization,
+            config.mrm_report_masking, config.mrm_image_augmentation) == (
+        "sincos", "embeddings_output", "xavier", "official", "official")
+    assert config.text_config.vocab_size == 30000 and config.text_config.max_position_embeddings == 100
+    assert config.text_config.hidden_size == 32  # --text_config_overrides on the official BERT, built from scratch
+    assert args.max_grad_norm == 0.0 and args.warmup_steps == pytest.approx(0.2)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["input_ids"].shape == (2, 100)
+    assert batch["input_ids"][:, 0].eq(2).all() and batch["labels"].ne(-100).all()
+    assert not model.refers.embeddings.position_embeddings.requires_grad
+    for entry in (e for e in trainer.state.log_history if "loss" in e):
+        assert entry["loss_image"] + entry["loss_report"] == pytest.approx(entry["loss"], abs=2e-4)
+
+
+def test_default_collator_takes_the_loss_positions_switch(shared_data_dir):
+    from datasets_scripts import load_covid19_studies
+    from modeling_refers import RefersImageProcessor, RefersProcessor, train_report_tokenizer
+    from modeling_refers.training_refers import MaskedReportCollator, processor_sizes
+
+    rows = list(load_covid19_studies(shared_data_dir / "covid19_collection")["train"])[:6]
+    tokenizer = train_report_tokenizer([r["report"] for r in rows], vocab_size=200)
+    processor = RefersProcessor(RefersImageProcessor(**processor_sizes(32)), tokenizer, num_views=2, max_length=48)
+    masked_only = MaskedReportCollator(processor, train=False)(rows)
+    every = MaskedReportCollator(processor, train=False, loss_positions="all")(rows)
+    original = tokenizer([r["report"] for r in rows], padding="longest", truncation=True, max_length=48,
+                         return_tensors="pt")["input_ids"]
+    assert torch.equal(every["input_ids"], masked_only["input_ids"])  # the same masking
+    assert torch.equal(every["labels"], original)  # every position, [CLS], [SEP] and padding included
+    assert masked_only["labels"].eq(-100).any() and torch.equal(
+        masked_only["labels"][masked_only["labels"] != -100], original[masked_only["labels"] != -100])
