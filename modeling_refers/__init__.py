@@ -29,8 +29,13 @@ from .modeling_refers import (
 from .processing_refers import RefersProcessor, select_views, swap_left_right
 from .report_tokenizer import train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
-from .modeling_joimternet import JoImTeRNetForImageClassification, JoImTeRNetForPreTraining, JoImTeRNetModel
-from .modeling_mrm import MRMForImageClassification, MRMForPreTraining, MRMModel
+from .modeling_joimternet import (
+    JoImTeRNetBackbone,
+    JoImTeRNetForImageClassification,
+    JoImTeRNetForPreTraining,
+    JoImTeRNetModel,
+)
+from .modeling_mrm import MRMBackbone, MRMForImageClassification, MRMForPreTraining, MRMModel
 from .modeling_radtex import RadTexForImageClassification, RadTexForPreTraining, RadTexModel
 
 
@@ -52,6 +57,10 @@ METHOD_AUTO_CLASSES = {
     JoImTeRNetConfig: (JoImTeRNetModel, JoImTeRNetForImageClassification, JoImTeRNetForPreTraining),
     RadTexConfig: (RadTexModel, RadTexForImageClassification, RadTexForPreTraining),
 }
+# The radiograph-transformer methods' folders also load as backbones for dense heads (RadTex's CNN: timm's TimmBackbone).
+for _config_class, _backbone in ((MRMConfig, MRMBackbone), (JoImTeRNetConfig, JoImTeRNetBackbone)):
+    AutoBackbone.register(_config_class, _backbone, exist_ok=True)
+    _backbone.register_for_auto_class("AutoBackbone")
 for _config_class, (_base, _classifier, _pretraining) in METHOD_AUTO_CLASSES.items():
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModel.register(_config_class, _base, exist_ok=True)
@@ -81,9 +90,11 @@ RefersBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "RefersBackbone",
+    "JoImTeRNetBackbone",
     "JoImTeRNetConfig",
     "JoImTeRNetForImageClassification",
     "JoImTeRNetModel",
+    "MRMBackbone",
     "MRMConfig",
     "MRMForImageClassification",
     "MRMModel",

@@ -20,7 +20,13 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import can_return_tuple
 
 from .configuration_joimternet import JoImTeRNetConfig
-from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel, pool_report_tokens
+from .modeling_refers import (
+    RefersBackbone,
+    RefersForImageClassification,
+    RefersForPreTraining,
+    RefersModel,
+    pool_report_tokens,
+)
 
 DAMSM_GAMMAS = (4.0, 5.0, 10.0)  # gamma1, gamma2, gamma3 (AttnGAN / JoImTeRNet)
 TRIPLET_MARGIN = 0.5
@@ -79,11 +85,20 @@ class JoImTeRNetForPreTrainingOutput(ModelOutput):
     text_attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class JoImTeRNetBackbone(RefersBackbone):
+    """[`RefersBackbone`] for a JoImTeRNet folder: what `AutoBackbone` loads from it (feature maps for dense heads such as
+    UperNet)."""
+
+    config_class = JoImTeRNetConfig
+    _loadable_by = {"AutoBackbone": "modeling_joimternet.JoImTeRNetBackbone"}
+
+
 class JoImTeRNetModel(RefersModel):
     """[`RefersModel`] for a JoImTeRNet folder (`model_type="joimternet"`): what `AutoModel` loads from it."""
 
     config_class = JoImTeRNetConfig
-    _loadable_by = {"AutoModel": "modeling_joimternet.JoImTeRNetModel",
+    _loadable_by = {"AutoBackbone": "modeling_joimternet.JoImTeRNetBackbone",
+                    "AutoModel": "modeling_joimternet.JoImTeRNetModel",
                     "AutoModelForImageClassification": "modeling_joimternet.JoImTeRNetForImageClassification"}
 
 
@@ -156,4 +171,5 @@ class JoImTeRNetForPreTraining(RefersForPreTraining):
                                               text_hidden_states=text.hidden_states, text_attentions=text.attentions)
 
 
-__all__ = ["DAMSM_GAMMAS", "JoImTeRNetForImageClassification", "JoImTeRNetForPreTraining", "JoImTeRNetModel", "damsm_scores", "matching_losses"]
+__all__ = ["DAMSM_GAMMAS", "JoImTeRNetBackbone", "JoImTeRNetForImageClassification", "JoImTeRNetForPreTraining",
+           "JoImTeRNetModel", "damsm_scores", "matching_losses"]

@@ -294,7 +294,7 @@ def test_every_trainable_parameter_gets_a_gradient(name):
 def test_radtex_config_with_gradient_checkpointing_trains_like_without():
     plain = build("RadTexForPreTraining").train()
     checkpointed = build("RadTexForPreTraining", gradient_checkpointing=True).train()
-    assert checkpointed.is_gradient_checkpointing and checkpointed.refers.conv_backbone.model.grad_checkpointing
+    assert checkpointed.is_activation_checkpointing and checkpointed.refers.conv_backbone.model.grad_checkpointing
     checkpointed.load_state_dict(plain.state_dict())
     losses = []
     for model in (plain, checkpointed):

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
 from modeling_refers import (
     JoImTeRNetConfig,
@@ -107,7 +107,9 @@ def test_every_auto_class_loads_a_method_folder_as_its_own_class(folders, model_
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == model_type
     stem = {"mrm": "MRM", "joimternet": "JoImTeRNet", "radtex": "RadTex"}[model_type]
+    backbone = {} if model_type == "radtex" else {"AutoBackbone": f"modeling_{model_type}.{stem}Backbone"}
     assert saved["auto_map"] == {
+        **backbone,
         "AutoConfig": f"configuration_{model_type}.{config_class.__name__}",
         "AutoModel": f"modeling_{model_type}.{stem}Model",
         "AutoModelForImageClassification": f"modeling_{model_type}.{stem}ForImageClassification",
@@ -132,6 +134,19 @@ def test_every_auto_class_loads_a_method_folder_as_its_own_class(folders, model_
     # what is dropped is exactly what is not the backbone
     assert all(not key.startswith("refers.") for key in info["unexpected_keys"])
 
+    if backbone:  # a radiograph transformer: its blocks as feature maps for dense heads
+        # (transformers' AutoBackbone.from_pretrained reads Hub repositories only, a local folder goes to timm:
+        # from_config picks the class, the class loads the folder)
+        config = AutoConfig.from_pretrained(folder, out_indices=[1, 2])
+        assert type(AutoBackbone.from_config(config)).__name__ == f"{stem}Backbone"
+        features, info = type(AutoBackbone.from_config(config)).from_pretrained(folder, config=config,
+                                                                              output_loading_info=True)
+        assert not info["missing_keys"] and features.out_indices == [1, 2]
+        torch.testing.assert_close(features.layers[0].state_dict()["layernorm_before.weight"],
+                                   pretraining.refers.layers[0].state_dict()["layernorm_before.weight"], rtol=0, atol=0)
+        maps = features(torch.randn(1, 3, 32, 32)).feature_maps
+        assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4)] * 2
+
 
 def test_the_refers_folder_still_loads_as_refers(folders):
     folder = folders["refers"]
@@ -155,7 +170,7 @@ def test_method_folders_load_with_trust_remote_code_without_the_package(folders,
             assert type(config).__name__ == auto_map["AutoConfig"].split(".")[-1], type(config)
             assert config.model_type == name
             for auto_name, target in auto_map.items():
-                if auto_name == "AutoConfig":
+                if auto_name in ("AutoConfig", "AutoBackbone"):  # AutoBackbone.from_pretrained: Hub repos only
                     continue
                 extra = dict(num_labels=3) if auto_name == "AutoModelForImageClassification" else {{}}
                 model, info = getattr(transformers, auto_name).from_pretrained(
@@ -175,23 +190,32 @@ def test_method_folders_load_with_trust_remote_code_without_the_package(folders,
     assert "remote-ok" in run.stdout and "Do you wish" not in run.stdout + run.stderr
 
 
-def test_an_old_style_folder_is_refused_by_the_auto_class_and_loads_with_its_method_class(folders, tmp_path):
-    """A folder saved before each method had its own model_type (`model_type: "refers"`, an MRM checkpoint):
-    AutoModelForPreTraining would have dropped the image decoder; it now says what to do, and that works."""
+@pytest.mark.parametrize("model_type", list(METHODS))
+def test_an_old_style_folder_is_refused_by_the_auto_class_and_loads_with_its_method_class(folders, model_type,
+                                                                                          tmp_path):
+    """A folder saved before each method had its own model_type (`model_type: "refers"` holding a method's
+    checkpoint): AutoModelForPreTraining would have dropped the method's heads; it now says what to do, and that
+    works."""
+    config_class, model_class, _ = METHODS[model_type]
     old = tmp_path / "old"
-    reference = MRMForPreTraining.from_pretrained(folders["mrm"])
+    reference = model_class.from_pretrained(folders[model_type])
     reference.save_pretrained(old)
     config = json.loads((old / "config.json").read_text())
     config["model_type"] = "refers"
     config["auto_map"] = {key: value for key, value in config["auto_map"].items() if key != "AutoConfig"}
     (old / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"saved by MRMForPreTraining.*MRMForPreTraining\.from_pretrained\(folder\)"):
+    name = model_class.__name__
+    with pytest.raises(ValueError, match=rf"saved by {name}.*{name}\.from_pretrained\(folder\)"):
         AutoModelForPreTraining.from_pretrained(old)
-    loaded, info = MRMForPreTraining.from_pretrained(old, output_loading_info=True)
-    assert type(loaded.config) is MRMConfig and loaded.config.mrm_decoder_hidden_size == 16
+    loaded, info = model_class.from_pretrained(old, output_loading_info=True)
+    assert type(loaded.config) is config_class
+    assert loaded.config.to_dict()["decoder_config"] == reference.config.to_dict()["decoder_config"]
     assert not info["missing_keys"] and not info["unexpected_keys"]
     loaded.save_pretrained(tmp_path / "resaved")
-    assert type(AutoModelForPreTraining.from_pretrained(tmp_path / "resaved")) is MRMForPreTraining
+    assert type(AutoModelForPreTraining.from_pretrained(tmp_path / "resaved")) is model_class
+    # its backbone still fine-tunes as before: the classifier reads the old configuration
+    classifier, info = RefersForImageClassification.from_pretrained(old, num_labels=2, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

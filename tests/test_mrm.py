@@ -181,9 +181,11 @@ def test_run_pretrain_method_mrm(tmp_path, shared_data_dir):
     assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.95)}
     assert all(g["initial_lr"] == pytest.approx(1.5e-4 * 4 / 256) for g in optimizer.param_groups)
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.05, 0.0}
+    assert trainer.loss_parts == ("loss_image", "loss_report")  # the registry's, logged beside the loss
     for entry in (e for e in trainer.state.log_history if "loss" in e):
         assert entry["loss_image"] + entry["loss_report"] == pytest.approx(entry["loss"], abs=2e-4)
-    with pytest.raises(ValueError, match="--method mrm with --recipe mrm; got --method mrm --recipe paper"):
+        assert not {"loss_contrast", "loss_global", "loss_local"} & set(entry)
+    with pytest.raises(ValueError, match=r"--method mrm with --recipe mrm\b.*; got --method mrm --recipe paper"):
         pretrain_refers.main(["--output_dir", str(tmp_path / "x"), "--method", "mrm", "--recipe", "paper"])
 
 
