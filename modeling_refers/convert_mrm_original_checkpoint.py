@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .configuration_mrm import MRMConfig
 from .configuration_refers import RefersConfig
 from .convert_refers_original_checkpoint import ConversionReport, load_official_checkpoint
 from .file_utils import write_folder_atomically
@@ -91,15 +92,16 @@ TIED_COPIES = {
     "report_head.predictions.decoder.weight": "text_encoder.embeddings.word_embeddings.weight",
 }
 
-# What the model here does not yet do as the official code does, although the weights have a place.
+# How the official behaviour maps onto the converted model (its configuration is `MRMConfig.from_official`).
 BEHAVIOUR_NOTES = (
     "position embeddings: the official encoder and decoder tables are fixed 2-D sin-cos buffers "
     "(requires_grad=False); here they are placed in the tables `refers.embeddings.position_embeddings` and "
-    "`image_decoder.decoder_pos_embed`, which are trainable",
+    "`image_decoder.decoder_pos_embed`, kept fixed by the official switch (mrm_position_embeddings='sincos')",
     "report conditioning: officially bert_mlp maps every visible patch token to BERT's width, the mean over them is "
     "added to the embedding output AFTER BERT's embedding LayerNorm and dropout (bert/bert.py: embedding_output + "
-    "latent); its weights are placed in `report_condition` (Linear of the mean = mean of the Linear), but "
-    "MRMForPreTraining adds the result to the word embeddings, BEFORE the position embeddings and the LayerNorm",
+    "latent); its weights are placed in `report_condition` (Linear of the mean = mean of the Linear), added there by "
+    "the official switch (mrm_report_condition='embeddings_output'; the paper's reading, the default, adds it to the "
+    "word embeddings)",
     "the masked-LM decoder: officially tied to BERT's word embeddings; here `report_head.predictions.decoder.weight` "
     "holds a copy of the same values (it is untied)",
 )
@@ -203,7 +205,8 @@ def infer_encoder_sizes(state_dict: Mapping[str, torch.Tensor], num_attention_he
 def infer_mrm_config(state_dict: Mapping[str, torch.Tensor], num_attention_heads: int | None = None,
                      text_num_attention_heads: int | None = None, decoder_num_attention_heads: int | None = None,
                      **overrides):
-    """The MRM configuration (`MRMForPreTraining.default_config`) of an official pretraining state dict."""
+    """The MRM configuration of an official pretraining state dict: `MRMConfig.from_official` (MRM as its official
+    code runs), with the sizes read from the tensors."""
     fields = infer_encoder_sizes(state_dict, num_attention_heads)
     words = _shape(state_dict, BERT_PREFIX + "embeddings.word_embeddings.weight", "BERT's vocabulary and width")
     text_width = int(words[1])
@@ -240,7 +243,7 @@ def infer_mrm_config(state_dict: Mapping[str, torch.Tensor], num_attention_heads
         mrm_norm_pix_loss=True, mrm_mask_ratio=0.75,  # run.sh: --norm_pix_loss --mask_ratio 0.75 (not in the weights)
     )
     fields.update(overrides)
-    return MRMForPreTraining.default_config(**fields)
+    return MRMConfig.from_official(**fields)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

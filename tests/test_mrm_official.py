@@ -518,3 +518,24 @@ def test_default_collator_takes_the_loss_positions_switch(shared_data_dir):
     assert torch.equal(every["labels"], original)  # every position, [CLS], [SEP] and padding included
     assert masked_only["labels"].eq(-100).any() and torch.equal(
         masked_only["labels"][masked_only["labels"] != -100], original[masked_only["labels"] != -100])
+
+
+def test_the_converter_turns_the_official_switch_on():
+    from test_convert_mrm_original_checkpoint import _random, official_pretraining_shapes
+
+    from modeling_refers import MRMConfig, MRMForPreTraining
+    from modeling_refers.convert_mrm_original_checkpoint import infer_mrm_config
+
+    state_dict = _random(official_pretraining_shapes())
+    config = infer_mrm_config(state_dict)
+    official = MRMConfig.from_official()
+    switches = ("mrm_position_embeddings", "mrm_resize_mode", "mrm_resize_antialias", "mrm_report_condition",
+                "mrm_report_masking", "mrm_report_loss_positions", "mrm_image_augmentation", "mrm_initialization",
+                "hidden_dropout_prob", "attention_probs_dropout_prob", "max_report_length", "bos_token_id")
+    assert [getattr(config, name) for name in switches] == [getattr(official, name) for name in switches]
+    assert config.hidden_size == state_dict["cls_token"].shape[-1]  # the sizes still come from the tensors
+    assert config.mrm_decoder_hidden_size == state_dict["decoder_embed.weight"].shape[0]
+    assert config.mrm_reconstruction_size == 2 * config.image_size
+    words = state_dict["bert_encoder.model.bert.embeddings.word_embeddings.weight"]
+    assert (config.text_config.vocab_size, config.text_config.hidden_size) == tuple(words.shape)
+    assert not MRMForPreTraining(config).refers.embeddings.position_embeddings.requires_grad
