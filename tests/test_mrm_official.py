@@ -539,3 +539,26 @@ def test_the_converter_turns_the_official_switch_on():
     words = state_dict["bert_encoder.model.bert.embeddings.word_embeddings.weight"]
     assert (config.text_config.vocab_size, config.text_config.hidden_size) == tuple(words.shape)
     assert not MRMForPreTraining(config).refers.embeddings.position_embeddings.requires_grad
+
+
+def test_official_masking_with_the_processors_studies(vocab_file, radiographs):
+    from modeling_refers import RefersImageProcessor, RefersProcessor
+    from modeling_refers.training_refers import processor_sizes
+
+    tokenizer = load_mrm_tokenizer(vocab_file)
+    config = tiny(official=False, mrm_report_masking="official", mrm_report_loss_positions="all", max_report_length=16,
+                  text_config=dict(vocab_size=30000, max_position_embeddings=16))
+    processor = RefersProcessor(RefersImageProcessor(**processor_sizes(32)), tokenizer, num_views=2, max_length=16)
+    array = ((radiographs(1, size=48)[0, 0].numpy() + 1) * 127.5).astype(np.uint8)
+    rows = [dict(images=[array, array], report="Left lower lobe opacity.", study_id="a"),
+            dict(images=[array], report="Normal.", study_id="b")]
+    batch = OfficialMaskedReportCollator(processor, train=False, config=config)(rows)
+    studies = processor(images=[row["images"] for row in rows], do_train_augment=False, return_tensors="pt")
+    assert batch["pixel_values"].shape == (2, 2, 3, 32, 32)  # the processor's studies, as they are
+    assert torch.equal(batch["pixel_values"], studies["pixel_values"]) and torch.equal(batch["view_mask"],
+                                                                                        studies["view_mask"])
+    original, _ = encode_reports_official(tokenizer, [row["report"] for row in rows], 16)
+    assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], original)
+    assert tokenizer.convert_ids_to_tokens(original[0, :3].tolist()) == ["[CLS]", "left", "lower"]  # never swapped
+    with pytest.raises(ValueError, match="mrm_image_augmentation='official' goes with mrm_report_masking='official'"):
+        tiny(official=False, mrm_image_augmentation="official")
