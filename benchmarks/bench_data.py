@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datasets_scripts import SAMPLE_DATA_DIR, load_covid19_collection, load_nih_chestxray14  # noqa: E402
+from modeling_refers.augmentation_refers import RadiographTrainTransform  # noqa: E402
 from modeling_refers.file_utils import atomic_write_json  # noqa: E402
 from datasets_scripts.prepared_images import prepare_images  # noqa: E402
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor  # noqa: E402
@@ -74,7 +75,8 @@ class TrainCollator:
         if self._rng is None:
             self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
         batch = self.processor(
-            images=[e["image"] for e in examples], do_train_augment=True, generator=self._rng, return_tensors="pt"
+            images=[e["image"] for e in examples], do_train_augment=True, train_transform=RadiographTrainTransform(),
+            generator=self._rng, return_tensors="pt"
         )
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
         return batch
@@ -191,7 +193,8 @@ def per_core_rate(get_image, count: int, processor, batch_size: int, batches: in
     try:
         def run(batch_index):
             images = [get_image((batch_index * batch_size + k) % count) for k in range(batch_size)]
-            out = processor(images=images, do_train_augment=True, generator=rng, return_tensors="pt")
+            out = processor(images=images, do_train_augment=True, train_transform=RadiographTrainTransform(), generator=rng,
+                            return_tensors="pt")
             assert out["pixel_values"].shape == (batch_size, 3, 224, 224), out["pixel_values"].shape
 
         run(0)

@@ -15,7 +15,7 @@ InvalidDataError naming the list line) and its label (any `Target` 1) is compare
 counted in a log warning (the list wins, as in MRM). A missing column of the CSV is an InvalidDataError.
 
 Images: each DICOM is converted once to an 8-bit PNG in `converted_dir` (default: under the `datasets` cache) by the
-package's one DICOM reader (`modeling_refers.image_processing_refers.load_dicom`, through VinBigData's
+package's one DICOM reader (`modeling_refers.radiograph_io.load_dicom`, through VinBigData's
 `convert_dicom`; longer side at most `dicom_max_size` when given); `datasets.Image()` decodes the PNGs lazily.
 
 Missing images: a list entry whose DICOM is absent is an InvalidDataError naming the list, line and path;

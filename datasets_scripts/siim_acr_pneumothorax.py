@@ -37,7 +37,7 @@ run outside the image) or a missing CSV column is an InvalidDataError naming the
 some of the images.
 
 Images and masks are written once per build to `converted_dir` (default: under the `datasets` cache): the image by
-the package's one DICOM reader (`modeling_refers.image_processing_refers.load_dicom`, through VinBigData's
+the package's one DICOM reader (`modeling_refers.radiograph_io.load_dicom`, through VinBigData's
 `convert_dicom`; longer side at most `dicom_max_size`, the mask then resized with nearest neighbour),
 `masks/<ImageId>.png` from the RLE.
 

@@ -50,7 +50,7 @@ import PIL.Image
 from datasets import DatasetDict, List, Value
 
 from modeling_refers.file_utils import atomic_open
-from modeling_refers.image_processing_refers import load_dicom
+from modeling_refers.radiograph_io import load_dicom
 
 from .common import (
     InvalidDataError,
@@ -91,7 +91,7 @@ DICOM_READER_TAG = "v2"  # part of default_converted_dir: bump when dicom_to_uin
 
 def dicom_to_uint8(path: str | os.PathLike, use_voi_lut: bool = True) -> np.ndarray:
     """[H, W] uint8 image of a single-frame grayscale DICOM: the processor's reader
-    (`modeling_refers.image_processing_refers.load_dicom`: modality LUT -> VOI LUT or window, incl. SIGMOID ->
+    (`modeling_refers.radiograph_io.load_dicom`: modality LUT -> VOI LUT or window, incl. SIGMOID ->
     its output range to 0..255 (min-max without one) -> inverted for MONOCHROME1 / Presentation LUT Shape
     INVERSE), so that the PNGs trained on hold the pixels a DICOM gets at inference."""
     image = load_dicom(path, use_voi_lut=use_voi_lut)

@@ -15,7 +15,7 @@ from .configuration_mrm import MRMConfig
 from .configuration_radtex import RadTexConfig
 from .configuration_refers import RefersConfig
 from .evaluation import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
-from .image_processing_refers import RefersImageProcessor, load_dicom, load_radiograph, window_to_uint8
+from .image_processing_refers import RefersImageProcessor
 from .modeling_refers import (
     RefersBackbone,
     RefersForImageClassification,
@@ -27,6 +27,7 @@ from .modeling_refers import (
     convert_timm_vit_state_dict,
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right
+from .radiograph_io import load_dicom, load_radiograph, window_to_uint8
 from .report_tokenizer import train_report_tokenizer
 from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_joimternet import (

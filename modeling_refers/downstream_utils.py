@@ -116,7 +116,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 def grayscale(image: Any) -> np.ndarray:
     """A radiograph (path, PIL image, array) as a `(H, W)` uint8 array for display."""
-    from .image_processing_refers import load_radiograph
+    from .radiograph_io import load_radiograph
 
     array = load_radiograph(image)
     return array if array.ndim == 2 else array[..., :3].mean(axis=-1).astype(np.uint8)

@@ -260,7 +260,7 @@ def localise(model, image_processor, images: Sequence[Any], boxes: Sequence[Sequ
     """
     from tqdm.auto import tqdm
 
-    from .image_processing_refers import load_radiograph
+    from .radiograph_io import load_radiograph
 
     unknown = sorted({b["label"] for group in boxes for b in group} - set(model.config.label2id))
     if unknown:

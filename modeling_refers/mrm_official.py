@@ -138,7 +138,7 @@ class OfficialMaskedReportCollator:
     def _images(self, examples: list[dict], rng: np.random.Generator) -> torch.Tensor:
         from PIL import Image
 
-        from .image_processing_refers import load_radiograph
+        from .radiograph_io import load_radiograph
 
         transform = official_image_transform(self.train, self.config.input_image_size)
         images = []
@@ -161,7 +161,10 @@ class OfficialMaskedReportCollator:
         if getattr(self.config, "mrm_image_augmentation", "processor") == "official":
             batch = {"pixel_values": self._images(examples, rng)}
         else:
+            from .augmentation_refers import RadiographTrainTransform
+
             processed = self.processor(images=[example["images"] for example in examples], do_train_augment=self.train,
+                                       train_transform=RadiographTrainTransform() if self.train else None,
                                        generator=rng if self.train else None, return_tensors="pt")
             batch = {"pixel_values": processed["pixel_values"], "view_mask": processed["view_mask"]}
         input_ids, attention_mask = encode_reports_official(tokenizer, reports, self.config.max_report_length)

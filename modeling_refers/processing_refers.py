@@ -183,6 +183,7 @@ class RefersProcessor(ProcessorMixin):
         padding: bool | str = "longest",
         max_length: int | None = None,
         return_flipped: bool = False,
+        train_transform: Any = None,
         **images_kwargs,
     ) -> BatchFeature:
         r"""
@@ -194,12 +195,15 @@ class RefersProcessor(ProcessorMixin):
             return_tensors: `"pt"` (default), `"np"` or `None`.
             generator: randomness (int seed, `numpy.random.Generator`, `random.Random`) for view selection and
                 training augmentation; one seed reproduces the whole batch.
-            do_train_augment: training mode (random views, crops, flips, rotation, jitter); default: the image
-                processor's `do_train_augment`. Outside training the view choice is deterministic.
+            do_train_augment: training mode (random views, and `train_transform`'s crops, flips, rotation, jitter);
+                default: the image processor's `do_train_augment`. Outside training the view choice is deterministic.
             flip: force the horizontal flip per study (bool or one bool per study).
             padding: tokenizer padding (`"longest"` default, or `"max_length"`).
             max_length: override of `self.max_length` for this call.
             return_flipped: also return `flipped` `(B,)`.
+            train_transform: the training augmentation of each study (see `RefersImageProcessor.preprocess`;
+                `augmentation_refers.RadiographTrainTransform`), needed with `do_train_augment`. The report of each
+                study it mirrors has left / right swapped, once, here.
             **images_kwargs: overrides passed to the image processor (`size`, `crop_size`, ...).
         """
         if images is None and text is None:
@@ -211,49 +215,12 @@ class RefersProcessor(ProcessorMixin):
         rng = make_generator(generator) if (train or generator is not None) else None
 
         data: dict[str, Any] = {}
-        batch_size = None
         flipped = None
         if images is not None:
-            studies, _ = make_batched_studies(images)
-            batch_size = len(studies)
-            if reports is not None and len(reports) != batch_size:
-                raise ValueError(
-                    f"got {batch_size} studies of images but {len(reports)} reports; pass one report per study"
-                )
-            if study_ids is not None and len(study_ids) != batch_size:
-                raise ValueError(f"study_ids has {len(study_ids)} entries but there are {batch_size} studies")
-            selected = []
-            for index, study in enumerate(studies):
-                if len(study) == 0:
-                    raise ValueError(
-                        f"{describe_study(index, study_ids)} has no images; every study needs at least one view"
-                    )
-                keep = select_views(len(study), self.num_views, rng, self.pad_views, random_selection=train)
-                selected.append([study[i] for i in keep])
-            image_inputs = self.image_processor(
-                selected,
-                generator=rng,
-                flip=flip,
-                study_ids=study_ids,
-                num_views=self.num_views,
-                return_flipped=True,
-                do_train_augment=train,
-                return_tensors=None,
-                **images_kwargs,
-            )
-            flipped = [bool(value) for value in image_inputs["flipped"]]
-            data["pixel_values"] = image_inputs["pixel_values"]
-            data["view_mask"] = image_inputs["view_mask"]
+            data, flipped = self._process_images(images, reports, study_ids, rng, train, flip, train_transform,
+                                                 images_kwargs)
         elif reports is not None:
-            batch_size = len(reports)
-            if flip is None:
-                flipped = [False] * batch_size
-            elif isinstance(flip, (bool, np.bool_)):
-                flipped = [bool(flip)] * batch_size
-            else:
-                flipped = [bool(value) for value in flip]
-                if len(flipped) != batch_size:
-                    raise ValueError(f"flip has {len(flipped)} entries but there are {batch_size} reports")
+            flipped = self._forced_flips(flip, len(reports))
 
         if reports is not None:
             if self.swap_left_right_on_flip:
@@ -272,6 +239,50 @@ class RefersProcessor(ProcessorMixin):
         if return_flipped:
             data["flipped"] = np.array(flipped, dtype=bool)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _process_images(self, images, reports, study_ids, rng, train, flip, train_transform, images_kwargs):
+        """`num_views` views picked per study (at random in training) through the image processor: its
+        `pixel_values` / `view_mask` and the flip of each study (the one decision the report swap follows)."""
+        studies, _ = make_batched_studies(images)
+        batch_size = len(studies)
+        if reports is not None and len(reports) != batch_size:
+            raise ValueError(
+                f"got {batch_size} studies of images but {len(reports)} reports; pass one report per study"
+            )
+        if study_ids is not None and len(study_ids) != batch_size:
+            raise ValueError(f"study_ids has {len(study_ids)} entries but there are {batch_size} studies")
+        selected = []
+        for index, study in enumerate(studies):
+            if len(study) == 0:
+                raise ValueError(
+                    f"{describe_study(index, study_ids)} has no images; every study needs at least one view"
+                )
+            keep = select_views(len(study), self.num_views, rng, self.pad_views, random_selection=train)
+            selected.append([study[i] for i in keep])
+        image_inputs = self.image_processor(
+            selected,
+            generator=rng,
+            flip=flip,
+            study_ids=study_ids,
+            num_views=self.num_views,
+            return_flipped=True,
+            do_train_augment=train,
+            train_transform=train_transform,
+            return_tensors=None,
+            **images_kwargs,
+        )
+        data = {"pixel_values": image_inputs["pixel_values"], "view_mask": image_inputs["view_mask"]}
+        return data, [bool(value) for value in image_inputs["flipped"]]
+
+    @staticmethod
+    def _forced_flips(flip, batch_size: int) -> list[bool]:
+        """Reports without images: the flips asked for (none by default), one per report."""
+        if flip is None or isinstance(flip, (bool, np.bool_)):
+            return [bool(flip)] * batch_size
+        flipped = [bool(value) for value in flip]
+        if len(flipped) != batch_size:
+            raise ValueError(f"flip has {len(flipped)} entries but there are {batch_size} reports")
+        return flipped
 
     @property
     def model_input_names(self) -> list[str]:

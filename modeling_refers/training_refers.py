@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .augmentation_refers import RadiographTrainTransform
 from .processing_refers import swap_left_right
 from .file_utils import atomic_open, atomic_write_text, give_default_modes
 from .hub_upload import check_hub_arguments, hub_files, upload_model_folder
@@ -73,12 +74,14 @@ def worker_generator(cache: dict) -> np.random.Generator:
     return cache[key]
 
 
-def process_studies(processor, examples: list[dict], train: bool, generators: dict,
-                    return_flipped: bool) -> tuple[dict, list[str] | None]:
-    """Source-domain rows through a `RefersProcessor` (views picked and augmented at train time, reports tokenized,
-    left/right swapped on flips). Returns the batch and, with `return_flipped`, each report as the model must see it
-    (swapped where its study was mirrored), for a second tokenization; the `flipped` flags are removed. The batch
-    carries the rows' `study_id`s as `study_ids` (a list, kept aside by `RefersTrainer`, see `BATCH_ID_KEYS`)."""
+def process_studies(processor, examples: list[dict], train: bool, generators: dict, return_flipped: bool,
+                    train_transform: RadiographTrainTransform | None = None) -> tuple[dict, list[str] | None]:
+    """Source-domain rows through a `RefersProcessor` (views picked and augmented by `train_transform`, the paper's
+    `RadiographTrainTransform()` when None, at train time; reports tokenized, left/right swapped on flips). Returns
+    the batch and, with `return_flipped`, each report as the model must see it (swapped where its study was mirrored:
+    the processor's `flipped`, so the swap follows the flip once), for a second tokenization; the `flipped` flags are
+    removed. The batch carries the rows' `study_id`s as `study_ids` (a list, kept aside by `RefersTrainer`, see
+    `BATCH_ID_KEYS`)."""
     reports = [example["report"] for example in examples]
     study_ids = [example.get("study_id") for example in examples]
     batch = processor(
@@ -86,6 +89,7 @@ def process_studies(processor, examples: list[dict], train: bool, generators: di
         text=reports,
         study_ids=study_ids,
         do_train_augment=train,
+        train_transform=(train_transform or RadiographTrainTransform()) if train else None,
         generator=worker_generator(generators) if train else None,
         return_flipped=return_flipped,
         return_tensors="pt",
@@ -103,17 +107,20 @@ class StudyReportCollator:
     `RefersProcessor`: views picked/augmented at train time, reports tokenized (left/right swapped on flips).
 
     With a `decoder_tokenizer` (a report vocabulary apart from the text encoder's), the decoder gets its own
-    `decoder_input_ids` / `labels` from the same (possibly swapped) report.
+    `decoder_input_ids` / `labels` from the same (possibly swapped) report. `train_transform`: the training
+    augmentation (None: the paper's, `RadiographTrainTransform()`).
     """
 
     processor: object
     train: bool
     decoder_tokenizer: object | None = None
+    train_transform: RadiographTrainTransform | None = None
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, examples: list[dict]) -> dict:
         batch, texts = process_studies(self.processor, examples, self.train, self._generators,
-                                       return_flipped=self.decoder_tokenizer is not None)
+                                       return_flipped=self.decoder_tokenizer is not None,
+                                       train_transform=self.train_transform)
         if self.decoder_tokenizer is not None:
             decoded = self.decoder_tokenizer(texts, padding="longest", truncation=True,
                                              max_length=self.processor.max_length, return_tensors="pt")
@@ -135,12 +142,14 @@ class MaskedReportCollator:
     train: bool
     mask_ratio: float = 0.5
     loss_positions: str = "masked"
+    train_transform: RadiographTrainTransform | None = None
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, examples: list[dict]) -> dict:
         from transformers import DataCollatorForLanguageModeling
 
-        batch, texts = process_studies(self.processor, examples, self.train, self._generators, return_flipped=True)
+        batch, texts = process_studies(self.processor, examples, self.train, self._generators, return_flipped=True,
+                                       train_transform=self.train_transform)
         tokenizer = self.processor.tokenizer
         encoded = tokenizer(texts, padding="longest", truncation=True, max_length=self.processor.max_length,
                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
@@ -161,17 +170,20 @@ class MaskedReportCollator:
 @dataclass
 class ImageLabelCollator:
     """Target-domain rows (`image`, `labels`) -> `pixel_values` `(B, C, H, W)` and `labels` through a
-    `RefersImageProcessor` (train-time augmentation at train). Multi-hot labels become float, class ids long. The
-    rows' `image_id`s ride along as `image_ids` (kept aside by `RefersTrainer`, see `BATCH_ID_KEYS`)."""
+    `RefersImageProcessor` (train-time augmentation at train: `train_transform`, None for the paper's
+    `RadiographTrainTransform()`). Multi-hot labels become float, class ids long. The rows' `image_id`s ride along as
+    `image_ids` (kept aside by `RefersTrainer`, see `BATCH_ID_KEYS`)."""
 
     image_processor: object
     train: bool
+    train_transform: RadiographTrainTransform | None = None
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.image_processor(
             [example["image"] for example in examples],
             do_train_augment=self.train,
+            train_transform=(self.train_transform or RadiographTrainTransform()) if self.train else None,
             generator=worker_generator(self._generators) if self.train else None,
             return_tensors="pt",
         )

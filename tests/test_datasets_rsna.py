@@ -14,7 +14,7 @@ from datasets_scripts import TARGET_DATASETS, InvalidDataError, load_target_data
 from datasets_scripts.label_ratio import select_by_ids
 from datasets_scripts.mrm_lists import write_mrm_label_ids
 from datasets_scripts.rsna_pneumonia import RSNA_PNEUMONIA_LABEL_NAMES, load_rsna_pneumonia
-from modeling_refers.image_processing_refers import load_dicom
+from modeling_refers.radiograph_io import load_dicom
 
 pytestmark = pytest.mark.filterwarnings("ignore:rsna_pneumonia. split")  # tiny splits without one of the classes
 T = "stage_2_train_images/"

@@ -11,7 +11,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 import datasets
 from datasets_scripts import TARGET_DATASETS, InvalidDataError, load_target_dataset
 from datasets_scripts.siim_acr_pneumothorax import SIIM_LABEL_NAMES, load_siim_acr_pneumothorax, rle_decode, rle_encode
-from modeling_refers.image_processing_refers import load_dicom
+from modeling_refers.radiograph_io import load_dicom
 
 pytestmark = pytest.mark.filterwarnings("ignore:siim_acr_pneumothorax. split")
 U = "1.2.276.0.7230010.3.1.4.8323329."

@@ -24,13 +24,9 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from datasets_scripts import dicom_to_uint8  # noqa: E402
-from modeling_refers import image_processing_refers  # noqa: E402
-from modeling_refers.image_processing_refers import (  # noqa: E402
-    RefersImageProcessor,
-    load_dicom,
-    load_radiograph,
-    window_to_uint8,
-)
+from modeling_refers import radiograph_io  # noqa: E402
+from modeling_refers.image_processing_refers import RefersImageProcessor  # noqa: E402
+from modeling_refers.radiograph_io import load_dicom, load_radiograph, window_to_uint8  # noqa: E402
 
 
 RAW = {"do_resize": False, "do_center_crop": False, "return_tensors": "np"}
@@ -270,7 +266,7 @@ def test_url_is_fetched_like_the_file(server, radiograph):
 
 
 def test_url_timeout(server, monkeypatch):
-    monkeypatch.setattr(image_processing_refers, "URL_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(radiograph_io, "URL_TIMEOUT_SECONDS", 1.0)
     for route in ("slow", "drip"):  # no answer in time; an answer that trickles past the total time
         start = time.monotonic()
         with pytest.raises(OSError, match=rf"image 0: cannot fetch image URL '{server.url}/{route}': no complete "
@@ -281,12 +277,12 @@ def test_url_timeout(server, monkeypatch):
 
 def test_url_byte_cap(server, radiograph, monkeypatch):
     size = radiograph[1].stat().st_size
-    monkeypatch.setattr(image_processing_refers, "URL_MAX_BYTES", size - 1)
+    monkeypatch.setattr(radiograph_io, "URL_MAX_BYTES", size - 1)
     for route in ("large", "large-unsized"):  # refused from the Content-Length, or while reading
         with pytest.raises(OSError, match=rf"cannot fetch image URL '{server.url}/{route}': larger than "
                                           rf"URL_MAX_BYTES \({size - 1} bytes\)"):
             load_radiograph(f"{server.url}/{route}")
-    monkeypatch.setattr(image_processing_refers, "URL_MAX_BYTES", size)
+    monkeypatch.setattr(radiograph_io, "URL_MAX_BYTES", size)
     np.testing.assert_array_equal(load_radiograph(f"{server.url}/large-unsized"), radiograph[0])
 
 

@@ -1,4 +1,9 @@
-"""RefersImageProcessor: layouts, determinism, hand-computed crops, flips, windowing, errors, round trips."""
+"""RefersImageProcessor: layouts, determinism, hand-computed crops, flips, windowing, errors, round trips; its
+evaluation outputs on real radiographs to the last bit; the train-time augmentation (RadiographTrainTransform,
+torchvision.transforms.v2) within the paper's ranges, measured over seeded draws."""
+
+import hashlib
+import json
 
 import random
 from pathlib import Path
@@ -8,17 +13,20 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from modeling_refers.image_processing_refers import (
-    RefersImageProcessor,
-    load_radiograph,
-    make_generator,
-    window_to_uint8,
-)
+from transformers.image_utils import SizeDict
+
+from modeling_refers.augmentation_refers import RadiographTrainTransform
+from modeling_refers.image_processing_refers import RefersImageProcessor, make_generator
+from modeling_refers.radiograph_io import load_radiograph, window_to_uint8
 
 
 SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}
-# Training mode with every random part off except what a test switches on.
-NO_RANDOM = {"rotation_degrees": 0, "color_jitter_probability": 0.0, "do_random_crop": False, "flip_probability": 0.0}
+# The training transform with every random part off except what a test switches on.
+NO_RANDOM = {"rotation_degrees": 0, "color_jitter_probability": 0.0, "random_crop": False, "flip_probability": 0.0}
+
+
+def no_random(**switched_on) -> RadiographTrainTransform:
+    return RadiographTrainTransform(**{**NO_RANDOM, **switched_on})
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +60,10 @@ def test_defaults_follow_the_paper():
     assert (p.size.height, p.size.width) == (256, 256) and p.size.shortest_edge is None
     assert (p.crop_size.height, p.crop_size.width) == (224, 224)
     assert tuple(p.image_mean) == (0.5, 0.5, 0.5) and tuple(p.image_std) == (0.5, 0.5, 0.5)
-    assert p.rotation_degrees == 10.0 and p.flip_probability == 0.5 and p.do_train_augment is False
+    assert p.do_train_augment is False
+    augment = RadiographTrainTransform()  # rotation -10..10, flip p 0.5, brightness / contrast 0.6-1.4 (p 0.8)
+    assert (augment.rotation_degrees, augment.flip_probability, augment.random_crop) == (10.0, 0.5, True)
+    assert augment.brightness == augment.contrast == (0.6, 1.4) and augment.color_jitter_probability == 0.8
 
 
 def test_input_layouts_shapes_and_dtypes(processor, covid_paths, nih_paths):
@@ -195,7 +206,6 @@ def test_kwargs_class_follows_the_transformers_naming():
     from modeling_refers import image_processing_refers as module
 
     assert RefersImageProcessor.valid_kwargs is module.RefersImageProcessorKwargs
-    assert module.RefersImagesKwargs is module.RefersImageProcessorKwargs  # old name kept for imports
     assert "do_train_augment" in module.RefersImageProcessorKwargs.__annotations__
 
 
@@ -207,7 +217,8 @@ def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_
     assert np.array_equal(eval_a, eval_b)
 
     def train(generator):
-        return processor(studies, do_train_augment=True, generator=generator, return_tensors="np", return_flipped=True)
+        return processor(studies, do_train_augment=True, train_transform=RadiographTrainTransform(),
+                         generator=generator, return_tensors="np", return_flipped=True)
 
     first, again, other = train(7), train(7), train(8)
     assert np.array_equal(first["pixel_values"], again["pixel_values"])
@@ -219,36 +230,95 @@ def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_
     assert np.array_equal(from_numpy_a["pixel_values"], from_numpy_b["pixel_values"])
     assert np.array_equal(train(random.Random(5))["pixel_values"], train(random.Random(5))["pixel_values"])
     # no hidden global state: the global RNGs are untouched
-    state_np, state_py = np.random.get_state()[1].copy(), random.getstate()
+    state_np, state_py, state_torch = np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state()
     train(None)
     assert np.array_equal(np.random.get_state()[1], state_np) and random.getstate() == state_py
+    assert torch.equal(torch.get_rng_state(), state_torch)
+    with pytest.raises(ValueError, match="do_train_augment=True needs train_transform"):
+        processor(studies, do_train_augment=True)
     # values stay in the normalised range
     assert first["pixel_values"].min() >= -1.0 - 1e-6 and first["pixel_values"].max() <= 1.0 + 1e-6
 
 
-def test_rotation_matches_pil_reference(covid_paths):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The parameters torchvision's v2 transforms draw (rotation angle, crop position, jitter factors), recorded."""
+    from torchvision.transforms import v2
+
+    log = {"rotation": [], "crop": [], "jitter": []}
+    for cls, key in ((v2.RandomRotation, "rotation"), (v2.RandomCrop, "crop"), (v2.ColorJitter, "jitter")):
+        def spy(self, flat_inputs, _original=cls.make_params, _key=key):
+            params = _original(self, flat_inputs)
+            log[_key].append(params)
+            return params
+
+        monkeypatch.setattr(cls, "make_params", spy)
+    return log
+
+
+def test_augmentation_draws_stay_in_the_paper_ranges(covid_paths, drawn):
+    """DESIGN.md: resize 256, random crop 224, flip p 0.5 (per study), rotation -10..10 degrees, brightness and
+    contrast (0.6-1.4, p 0.8): 400 seeded draws cover each range and never leave it."""
+    view = np.asarray(Image.open(covid_paths[0]).convert("L").resize((36, 36)))[None]
+    transform, rng, draws = RadiographTrainTransform(), np.random.default_rng(0), 400
+    flips = [transform([view], (32, 32), rng)[1] for _ in range(draws)]
+    angles = np.array([params["angle"] for params in drawn["rotation"]])
+    assert len(angles) == draws and angles.min() >= -10 and angles.max() <= 10
+    assert angles.min() < -9 and angles.max() > 9 and abs(angles.mean()) < 1.5  # uniform over the range
+    tops = [params["top"] for params in drawn["crop"]]
+    lefts = [params["left"] for params in drawn["crop"]]
+    assert sorted(set(tops)) == sorted(set(lefts)) == [0, 1, 2, 3, 4]  # every position of a 32 crop in 36
+    assert all(params["height"] == params["width"] == 32 for params in drawn["crop"])
+    brightness = np.array([params["brightness_factor"] for params in drawn["jitter"]])
+    contrast = np.array([params["contrast_factor"] for params in drawn["jitter"]])
+    for factors in (brightness, contrast):
+        assert factors.min() >= 0.6 and factors.max() <= 1.4 and factors.min() < 0.62 and factors.max() > 1.38
+    # binomial(400, p): 4 standard deviations
+    assert abs(len(brightness) - 0.8 * draws) < 4 * (draws * 0.8 * 0.2) ** 0.5
+    assert abs(sum(flips) - 0.5 * draws) < 4 * (draws * 0.25) ** 0.5
+
+
+def test_rotation_is_torchvision_bilinear_close_to_pil(covid_paths, drawn):
     raw = np.array(Image.open(covid_paths[3]).convert("L"))
-    p = RefersImageProcessor(size={"shortest_edge": 40}, do_center_crop=False, **{**NO_RANDOM, "rotation_degrees": 10})
-    got = p(raw, do_train_augment=True, flip=False, generator=11, return_tensors="np")["pixel_values"][0, 0]
-    angle = np.random.default_rng(11).uniform(-10, 10)  # first draw (flip is forced, so not drawn)
+    p = RefersImageProcessor(size={"shortest_edge": 40}, do_center_crop=False)
+    got = p(raw, do_train_augment=True, train_transform=no_random(rotation_degrees=10), generator=11,
+            return_tensors="np")["pixel_values"][0, 0]
+    (params,) = drawn["rotation"]
     resized = Image.fromarray(p.resize(raw[None], size=p.size, resample=p.resample)[0])
-    expected = np.array(resized.rotate(angle, resample=Image.BILINEAR, fillcolor=0))
-    np.testing.assert_allclose(got, to_unit(expected), rtol=0, atol=1e-6)
-    assert abs(angle) > 1 and not np.allclose(got, to_unit(np.array(resized)))
+    expected = to_unit(np.array(resized.rotate(params["angle"], resample=Image.BILINEAR, fillcolor=0)))
+    # torchvision (grid_sample) and PIL round differently: under a grey level inside, more where the fill starts
+    difference = np.abs(got - expected) * 255 / 2
+    assert difference[5:-5, 5:-5].mean() < 1.0 and difference.mean() < 3.0
+    assert abs(params["angle"]) > 1 and np.abs(got - to_unit(np.array(resized))).mean() > 10 * 2 / 255
 
 
-def test_brightness_contrast_match_pil_enhance(covid_paths):
+def test_random_crop_takes_the_drawn_window(covid_paths, drawn):
+    raw = np.array(Image.open(covid_paths[2]).convert("L"))
+    p = RefersImageProcessor(**SMALL)
+    got = p(raw, do_train_augment=True, train_transform=no_random(random_crop=True), generator=5,
+            return_tensors="np")["pixel_values"][0, 0]
+    (params,) = drawn["crop"]
+    resized = p.resize(raw[None], size=SizeDict(shortest_edge=36), resample=p.resample)[0]
+    top, left = params["top"], params["left"]
+    np.testing.assert_allclose(got, to_unit(resized[top : top + 32, left : left + 32]), rtol=0, atol=1e-6)
+    assert (top, left) != (2, 2) and not np.allclose(got, p(raw, return_tensors="np")["pixel_values"][0, 0])
+
+
+def test_brightness_contrast_match_pil_enhance(covid_paths, drawn):
     raw = np.array(Image.open(covid_paths[4]).convert("L"))
-    p = RefersImageProcessor(**SMALL, **{**NO_RANDOM, "color_jitter_probability": 1.0})
-    got = p(raw, do_train_augment=True, flip=False, generator=21, return_tensors="np")["pixel_values"][0, 0]
-    rng = np.random.default_rng(21)
-    rng.random()  # the jitter-probability draw
-    brightness, contrast = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4)
+    p = RefersImageProcessor(**SMALL)
+    got = p(raw, do_train_augment=True, train_transform=no_random(color_jitter_probability=1.0), generator=21,
+            return_tensors="np")["pixel_values"][0, 0]
+    (params,) = drawn["jitter"]
     plain = p(raw, return_tensors="np")["pixel_values"][0, 0]
-    cropped = Image.fromarray(np.rint((plain * 0.5 + 0.5) * 255).astype(np.uint8))
-    expected = ImageEnhance.Contrast(ImageEnhance.Brightness(cropped).enhance(brightness)).enhance(contrast)
+    image = Image.fromarray(np.rint((plain * 0.5 + 0.5) * 255).astype(np.uint8))
+    for index in params["fn_idx"].tolist():  # ColorJitter's random order: 0 brightness, 1 contrast
+        if index == 0:
+            image = ImageEnhance.Brightness(image).enhance(params["brightness_factor"])
+        elif index == 1:
+            image = ImageEnhance.Contrast(image).enhance(params["contrast_factor"])
     # PIL rounds to uint8 after each step and rounds the mean: allow 2 grey levels
-    np.testing.assert_allclose(got, to_unit(np.array(expected)), rtol=0, atol=2 * 2 / 255)
+    np.testing.assert_allclose(got, to_unit(np.array(image)), rtol=0, atol=2 * 2 / 255)
     assert not np.allclose(got, plain, atol=0.05)
 
 
@@ -264,18 +334,25 @@ def test_forced_flip_mirrors_pixels_exactly(processor, covid_paths):
 
 
 def test_random_flip_in_training_matches_returned_flags(covid_paths):
-    p = RefersImageProcessor(**SMALL, **{**NO_RANDOM, "flip_probability": 0.5})
+    p = RefersImageProcessor(**SMALL)
     images = list(covid_paths)
     plain = p(images, return_tensors="np")["pixel_values"]
-    out = p(images, do_train_augment=True, generator=0, return_flipped=True, return_tensors="np")
+    out = p(images, do_train_augment=True, train_transform=no_random(flip_probability=0.5), generator=0,
+            return_flipped=True, return_tensors="np")
     flags = out["flipped"].tolist()
     assert 0 < sum(flags) < len(flags)
     for index, flag in enumerate(flags):
         expected = plain[index][..., ::-1] if flag else plain[index]
         assert np.array_equal(out["pixel_values"][index], expected)
-    never = p(images, do_train_augment=True, generator=0, flip_probability=0.0, return_flipped=True)
-    always = p(images, do_train_augment=True, generator=0, flip_probability=1.0, return_flipped=True)
+    never = p(images, do_train_augment=True, train_transform=no_random(flip_probability=0.0), return_flipped=True)
+    always = p(images, do_train_augment=True, train_transform=no_random(flip_probability=1.0), return_flipped=True)
     assert not never["flipped"].any() and always["flipped"].all()
+    # a forced flip is obeyed in training too, and every view of a study is mirrored together
+    study = [[images[0], images[1]]]
+    forced = p(study, do_train_augment=True, train_transform=no_random(flip_probability=0.0), flip=True,
+               return_flipped=True, return_tensors="np")
+    assert forced["flipped"].tolist() == [True]
+    assert np.array_equal(forced["pixel_values"][0], p(study, return_tensors="np")["pixel_values"][0][..., ::-1])
 
 
 # ----------------------------------------------------------------------------- windowing
@@ -398,24 +475,27 @@ def test_zero_images_and_other_bad_input(processor, covid_paths):
     with pytest.raises(ValueError, match=r"image 0: an image array must be"):
         processor(np.zeros((2, 3, 4, 5), dtype=np.uint8))
     with pytest.raises(ValueError, match="flip_probability must be a probability"):
-        RefersImageProcessor(flip_probability=1.5)
-    with pytest.raises(ValueError, match="brightness_range"):
-        RefersImageProcessor(brightness_range=[1.4, 0.6])
+        RadiographTrainTransform(flip_probability=1.5)
+    with pytest.raises(ValueError, match="brightness must be"):
+        RadiographTrainTransform(brightness=(1.4, 0.6))
+    with pytest.raises(ValueError, match="rotation_degrees must be in"):
+        RadiographTrainTransform(rotation_degrees=-1)
     with pytest.raises(TypeError, match="generator must be"):
         make_generator("seed")
 
 
 # ----------------------------------------------------------------------------- serialisation
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, covid_paths):
-    p = RefersImageProcessor(**SMALL, rotation_degrees=7.5, brightness_range=[0.8, 1.2], do_train_augment=True)
+    p = RefersImageProcessor(**SMALL, do_jpeg_draft=False, do_train_augment=True)
     p.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
     loaded = RefersImageProcessor.from_pretrained(tmp_path)
     assert loaded.to_dict() == p.to_dict()
-    assert loaded.rotation_degrees == 7.5 and list(loaded.brightness_range) == [0.8, 1.2] and loaded.do_train_augment
+    assert loaded.do_jpeg_draft is False and loaded.do_train_augment
     studies = [[covid_paths[0], covid_paths[1]], [covid_paths[2]]]
-    a = p(studies, generator=4, return_tensors="np")
-    b = loaded(studies, generator=4, return_tensors="np")
+    transform = RadiographTrainTransform(rotation_degrees=7.5, brightness=(0.8, 1.2))
+    a = p(studies, generator=4, train_transform=transform, return_tensors="np")
+    b = loaded(studies, generator=4, train_transform=transform, return_tensors="np")
     assert np.array_equal(a["pixel_values"], b["pixel_values"])
 
 
@@ -433,3 +513,48 @@ def test_auto_image_processor_round_trip(tmp_path, covid_paths):
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(loaded) is RefersImageProcessor
     assert np.array_equal(p(covid_paths[0])["pixel_values"], loaded(covid_paths[0])["pixel_values"])
+
+
+# ----------------------------------------------------------------------------- evaluation outputs, to the last bit
+# sha256 (first 24 hex digits) of the evaluation outputs, recorded with the processor before train-time augmentation
+# left it for torchvision (commit 3890b13): radiograph I/O moved, the deterministic path must not change by a bit.
+EVAL_HASHES = {
+    "default_jpeg_study": {"pixel_values": "float32[2, 3, 3, 224, 224]:bd8c00679a6fbc6a4f8b8b20",
+                           "view_mask": "int64[2, 3]:b490062b57d559bbc484d4a3"},
+    "default_png_list": {"pixel_values": "float32[3, 3, 224, 224]:84f4017ec6560727e3bd968b"},
+    "shortest_edge_nodraft": {"pixel_values": "float32[3, 3, 36, 32]:06177229281251b87bc28068"},
+    "shortest_edge_draft_flip": {"pixel_values": "float32[3, 3, 36, 32]:24031f5f9f16a87b2b88ceb6"},
+    "dicom_16bit": {"pixel_values": "float32[2, 3, 48, 48]:c99deb069e4223c6de841afe"},
+    "keep_channels": {"pixel_values": "float32[2, 1, 33, 33]:a1b15387973b3850cc52fff0"},
+}
+
+
+def _digest(array) -> str:
+    array = np.ascontiguousarray(array)
+    return f"{array.dtype}{list(array.shape)}:" + hashlib.sha256(array.tobytes()).hexdigest()[:24]
+
+
+def test_evaluation_outputs_unchanged_to_the_last_bit(shared_data_dir):
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    covid = [str(p) for p in sorted((shared_data_dir / "covid19_collection" / "images").glob("*.jpg"))[:3]]
+    nih = [str(p) for p in sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[:2]]
+    full = [str(p) for p in sorted((shared_data_dir / "nih_chestxray14_fullres" / "images").glob("*.png"))[:1]]
+    sixteen_bit = np.asarray(Image.open(nih[0]).convert("L"), dtype=np.uint16) * 257 + 3
+    small = {"size": {"shortest_edge": 40}, "crop_size": {"height": 36, "width": 32}}
+    cases = {
+        "default_jpeg_study": ({}, [covid, [nih[0]]], {"num_views": 3}),
+        "default_png_list": ({}, nih + full, {}),
+        "shortest_edge_nodraft": ({**small, "do_jpeg_draft": False}, covid, {}),
+        "shortest_edge_draft_flip": (small, covid, {"flip": [True, False, True]}),
+        "dicom_16bit": ({"size": {"height": 64, "width": 64}, "crop_size": {"height": 48, "width": 48}},
+                        [get_testdata_file("CT_small.dcm"), sixteen_bit], {}),
+        "keep_channels": ({"do_convert_rgb": False, "size": {"height": 40, "width": 40},
+                           "crop_size": {"height": 33, "width": 33}}, [covid[0], nih[1]], {}),
+    }
+    got = {}
+    for name, (init, images, call) in cases.items():
+        outputs = RefersImageProcessor(**init)(images, return_tensors="np", **call)
+        got[name] = {key: _digest(value) for key, value in outputs.items()}
+    assert got == EVAL_HASHES, json.dumps(got, indent=1)

@@ -31,7 +31,8 @@ from datasets_scripts.prepared_images import (
     prepare_images,
     read_prepared_metadata,
 )
-from modeling_refers.image_processing_refers import RefersImageProcessor, jpeg_draft_size
+from modeling_refers.image_processing_refers import RefersImageProcessor
+from modeling_refers.radiograph_io import jpeg_draft_size
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MIMIC_SIZE = (2500, 3000)  # width, height of a typical MIMIC-CXR-JPG radiograph

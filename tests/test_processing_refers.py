@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_refers.augmentation_refers import RadiographTrainTransform
 from modeling_refers.image_processing_refers import RefersImageProcessor
 from modeling_refers.processing_refers import (
     REPORT_SPECIAL_TOKENS,
@@ -22,7 +23,8 @@ from modeling_refers.report_tokenizer import train_report_tokenizer
 
 SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}
 # Training mode with only the view choice random: every output view equals one input view's eval pixels.
-VIEWS_ONLY = {"rotation_degrees": 0, "color_jitter_probability": 0.0, "do_random_crop": False, "flip_probability": 0.0}
+NO_RANDOM = {"rotation_degrees": 0, "color_jitter_probability": 0.0, "random_crop": False, "flip_probability": 0.0}
+VIEWS_ONLY = RadiographTrainTransform(**NO_RANDOM)
 
 
 def read_iu_reports(archive, limit):
@@ -208,7 +210,7 @@ def _match_views(output_views, reference):
 
 
 def test_processor_gives_exactly_num_views(tokenizer, image_paths):
-    proc = RefersProcessor(RefersImageProcessor(**SMALL, **VIEWS_ONLY), tokenizer, num_views=3)
+    proc = RefersProcessor(RefersImageProcessor(**SMALL), tokenizer, num_views=3)
     reference = proc.image_processor(image_paths, return_tensors="np")["pixel_values"]
     few, many = image_paths[:2], image_paths[:5]
     subsets = set()
@@ -217,6 +219,7 @@ def test_processor_gives_exactly_num_views(tokenizer, image_paths):
             images=[few, many, image_paths[5:6]],
             text=["a", "b", "c"],
             do_train_augment=True,
+            train_transform=VIEWS_ONLY,
             generator=seed,
             return_tensors="np",
         )
@@ -274,15 +277,20 @@ def test_flip_swaps_report_words_and_mirrors_pixels(processor, tokenizer, image_
     assert swapped == "right lower lobe opacity. no leftover effusion on the left."
     assert torch.equal(flipped["input_ids"][1], plain["input_ids"][1])
 
-    # random training flips: the report is swapped exactly for the studies reported as flipped
-    proc = RefersProcessor(RefersImageProcessor(**SMALL, **{**VIEWS_ONLY, "flip_probability": 0.5}), tokenizer)
+    # random training flips: the report is swapped (once) exactly for the studies whose pixels were mirrored
+    proc = RefersProcessor(RefersImageProcessor(**SMALL), tokenizer, num_views=1)
     many = ["Left effusion."] * 8
     studies = [[path] for path in image_paths] + [image_paths[:1]] * 2
-    out = proc(images=studies, text=many, do_train_augment=True, generator=3, return_flipped=True)
+    flips = RadiographTrainTransform(**{**NO_RANDOM, "flip_probability": 0.5})
+    out = proc(images=studies, text=many, do_train_augment=True, train_transform=flips, generator=3,
+               return_flipped=True)
+    unflipped = proc(images=studies, text=many)["pixel_values"]
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["input_ids"]]
     assert 0 < int(out["flipped"].sum()) < 8
-    for flag, text in zip(out["flipped"].tolist(), decoded):
+    for index, (flag, text) in enumerate(zip(out["flipped"].tolist(), decoded)):
         assert text == ("right effusion." if flag else "left effusion.")
+        mirrored = unflipped[index].flip(-1) if flag else unflipped[index]
+        assert torch.equal(out["pixel_values"][index], mirrored) and not torch.equal(mirrored, mirrored.flip(-1))
     no_swap = RefersProcessor(proc.image_processor, tokenizer, swap_left_right_on_flip=False)
     kept = no_swap(images=[image_paths[:1]], text=["Left effusion."], flip=True)
     assert tokenizer.decode(kept["input_ids"][0], skip_special_tokens=True) == "left effusion."
@@ -290,9 +298,10 @@ def test_flip_swaps_report_words_and_mirrors_pixels(processor, tokenizer, image_
 
 def test_train_mode_reproducible_per_seed(processor, image_paths, reports):
     studies, texts = [image_paths[:4], image_paths[4:5]], reports[:2]
-    a = processor(images=studies, text=texts, do_train_augment=True, generator=17, return_flipped=True)
-    b = processor(images=studies, text=texts, do_train_augment=True, generator=17, return_flipped=True)
-    c = processor(images=studies, text=texts, do_train_augment=True, generator=18)
+    augment = {"do_train_augment": True, "train_transform": RadiographTrainTransform()}
+    a = processor(images=studies, text=texts, generator=17, return_flipped=True, **augment)
+    b = processor(images=studies, text=texts, generator=17, return_flipped=True, **augment)
+    c = processor(images=studies, text=texts, generator=18, **augment)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
@@ -339,7 +348,7 @@ def test_bad_input_names_the_study(processor, image_paths, tmp_path):
 # ----------------------------------------------------------------------------- save / load
 def test_save_load_round_trip(tokenizer, image_paths, reports, tmp_path):
     proc = RefersProcessor(
-        RefersImageProcessor(**SMALL, rotation_degrees=5.0), tokenizer, num_views=2, max_length=40, pad_views="mask"
+        RefersImageProcessor(**SMALL, do_jpeg_draft=False), tokenizer, num_views=2, max_length=40, pad_views="mask"
     )
     proc.save_pretrained(tmp_path)
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
@@ -347,7 +356,9 @@ def test_save_load_round_trip(tokenizer, image_paths, reports, tmp_path):
     assert (loaded.num_views, loaded.max_length, loaded.pad_views) == (2, 40, "mask")
     assert loaded.image_processor.to_dict() == proc.image_processor.to_dict()
     studies, texts = [image_paths[:3], image_paths[3:4]], [reports[3], reports[4]]
-    for kwargs in ({}, {"do_train_augment": True, "generator": 9}):
+    train = {"do_train_augment": True, "generator": 9,
+             "train_transform": RadiographTrainTransform(rotation_degrees=5.0)}
+    for kwargs in ({}, train):
         a, b = proc(images=studies, text=texts, **kwargs), loaded(images=studies, text=texts, **kwargs)
         assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
 
@@ -380,7 +391,7 @@ def test_saved_folder_loads_with_trust_remote_code(tokenizer, tmp_path, monkeypa
     monkeypatch.setattr(RefersProcessor, "_auto_class", "AutoProcessor")
     folder = tmp_path / "processor"
     RefersProcessor(RefersImageProcessor(**SMALL), tokenizer).save_pretrained(folder)
-    assert {"processing_refers.py", "image_processing_refers.py"} <= set(os.listdir(folder))
+    assert {"processing_refers.py", "image_processing_refers.py", "radiograph_io.py"} <= set(os.listdir(folder))
     load = textwrap.dedent(
         f"""
         import sys

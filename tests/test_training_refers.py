@@ -15,6 +15,7 @@ from modeling_refers import (
     RefersProcessor,
     train_report_tokenizer,
 )
+from modeling_refers.augmentation_refers import RadiographTrainTransform
 from modeling_refers.processing_refers import swap_left_right
 from modeling_refers.training_refers import (
     PRETRAINING_RECIPES,
@@ -130,9 +131,10 @@ def test_left_right_swap_reaches_a_separate_decoder_tokenizer(studies_with_sides
     rows, all_reports = studies_with_sides
     decoder_tokenizer = train_report_tokenizer(all_reports, vocab_size=300)
     text_tokenizer = train_report_tokenizer(all_reports, vocab_size=200)
-    image_processor = RefersImageProcessor(**processor_sizes(32), flip_probability=flip_probability)
+    image_processor = RefersImageProcessor(**processor_sizes(32))
     processor = RefersProcessor(image_processor, text_tokenizer, num_views=2, max_length=64)
-    collate = StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer)
+    collate = StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer,
+                                  train_transform=RadiographTrainTransform(flip_probability=flip_probability))
     batch = collate(rows)
 
     reports = [row["report"] for row in rows]
@@ -149,6 +151,33 @@ def test_left_right_swap_reaches_a_separate_decoder_tokenizer(studies_with_sides
     text_expected = text_tokenizer(seen, padding="longest", truncation=True, max_length=64, return_tensors="pt")
     assert torch.equal(batch["input_ids"], text_expected["input_ids"])
     assert "flipped" not in batch
+
+
+def test_collators_swap_the_report_exactly_when_the_study_is_mirrored(studies_with_sides):
+    """Random flips (p 0.5, nothing else random): a study whose pixels are the mirror of its evaluation pixels has
+    left / right swapped once in both tokenizations; a study left as it is keeps its report."""
+    rows, all_reports = studies_with_sides
+    rows = [dict(row, images=row["images"][:1]) for row in rows] * 3  # one view each: view choice is not random
+    decoder_tokenizer = train_report_tokenizer(all_reports, vocab_size=300)
+    text_tokenizer = train_report_tokenizer(all_reports, vocab_size=200)
+    processor = RefersProcessor(RefersImageProcessor(**processor_sizes(32)), text_tokenizer, num_views=1,
+                                max_length=64)
+    flips = RadiographTrainTransform(rotation_degrees=0, random_crop=False, color_jitter_probability=0.0)
+    torch.manual_seed(1)
+    batch = StudyReportCollator(processor, train=True, decoder_tokenizer=decoder_tokenizer, train_transform=flips)(rows)
+    plain = StudyReportCollator(processor, train=False, decoder_tokenizer=decoder_tokenizer)(rows)
+    flipped = []
+    for index in range(len(rows)):
+        image, reference = batch["pixel_values"][index], plain["pixel_values"][index]
+        assert torch.equal(image, reference) != torch.equal(image, reference.flip(-1))  # one or the other
+        flipped.append(torch.equal(image, reference.flip(-1)))
+    assert 0 < sum(flipped) < len(rows)
+    for tokenizer, key in ((decoder_tokenizer, "decoder_input_ids"), (text_tokenizer, "input_ids")):
+        seen = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch[key]]
+        for row, flag, text in zip(rows, flipped, seen):
+            report = swap_left_right(row["report"]) if flag else row["report"]
+            expected = tokenizer(report, truncation=True, max_length=64)["input_ids"]
+            assert text == tokenizer.decode(expected, skip_special_tokens=True), (flag, key)
 
 
 def test_processor_sizes_per_resize_mode():
