@@ -33,11 +33,17 @@ from .configuration_mrm import MRMConfig
 from .modeling_refers import RefersBackbone, RefersForImageClassification, RefersForPreTraining, RefersModel
 
 
-def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None):
+def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None,
+                         noise: torch.Tensor | None = None):
     """MAE's per-image random masking: `(ids_keep (n, K), mask (n, P), ids_restore (n, P))` with
-    `K = int(P * (1 - mask_ratio))` visible patches, `mask` 1 on masked patches (in patch order)."""
+    `K = int(P * (1 - mask_ratio))` visible patches, `mask` 1 on masked patches (in patch order). The patches with the
+    smallest `noise` `(n, P)` are kept (uniform noise drawn from `generator` when not given, as ViT-MAE's `noise`)."""
     keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(num_images, num_patches, generator=generator, device=device)
+    if noise is None:
+        noise = torch.rand(num_images, num_patches, generator=generator, device=device)
+    elif tuple(noise.shape) != (num_images, num_patches):
+        raise ValueError(f"`noise` must have shape (real views, patches) = {(num_images, num_patches)}, got "
+                         f"{tuple(noise.shape)}.")
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(num_images, num_patches, device=device)
@@ -101,6 +107,17 @@ class MRMForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class _Absent:
+    """An inherited method this class does not have: `hasattr` is False on the class and its instances (transformers'
+    common tests and pipelines look there), and asking for it raises an `AttributeError` that says why."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
+
+
 class MRMBackbone(RefersBackbone):
     """[`RefersBackbone`] for a MRM folder: what `AutoBackbone` loads from it (feature maps for dense heads such as
     UperNet)."""
@@ -140,9 +157,7 @@ class MRMForPreTraining(RefersForPreTraining):
     _no_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has no "
                          "text_projection; its report encoder is `model.text_encoder`.")
 
-    @property
-    def get_text_features(self):
-        raise AttributeError(self._no_text_features)
+    get_text_features = _Absent()
 
     def __getattr__(self, name: str):
         if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why
@@ -274,12 +289,14 @@ class MRMForPreTraining(RefersForPreTraining):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values=None, view_mask=None, input_ids=None, attention_mask=None, labels=None,
-                generator=None, return_loss=True, **kwargs) -> MRMForPreTrainingOutput:
+                generator=None, noise=None, return_loss=True, **kwargs) -> MRMForPreTrainingOutput:
         r"""
         pixel_values (`(B, V, C, H, W)` or `(B, C, H, W)`), view_mask (`(B, V)`): the studies (H = W =
             `mrm_reconstruction_size` when set, else `image_size`).
         input_ids, attention_mask, labels (`(B, T)`): the masked report and the original ids at masked positions.
         generator (`torch.Generator`, *optional*): randomness of the patch masking.
+        noise (`(n, num_patches)`, *optional*): the masking's noise for the n real views (as ViT-MAE's): the patches
+            with the smallest values are kept; for deterministic outputs (tests, comparisons).
         output_hidden_states, output_attentions, return_dict: as in transformers; the hidden states and attentions
             are the radiograph transformer's on the visible patches, `(n, 1 + K, d)` per layer (embeddings first).
         """
@@ -292,7 +309,8 @@ class MRMForPreTraining(RefersForPreTraining):
         owner = real.nonzero()[:, 0]  # the study of each real view
         inputs = self.encoder_inputs(images)
         ids_keep, mask, ids_restore = random_patch_masking(inputs.shape[0], self.config.num_patches,
-                                                           self.config.mrm_mask_ratio, generator, inputs.device)
+                                                           self.config.mrm_mask_ratio, generator, inputs.device,
+                                                           noise=noise)
         flags = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
         encoded = self.encode_visible(inputs, ids_keep, **flags)
         reconstruction = self.image_decoder(encoded, ids_restore).logits  # (n, P, (p * scale)^2 * C)

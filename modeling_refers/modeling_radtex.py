@@ -10,6 +10,17 @@ from .configuration_radtex import RadTexConfig
 from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel
 
 
+class _Absent:
+    """An inherited method this class does not have: `hasattr` is False on the class and its instances (transformers'
+    common tests and pipelines look there), and asking for it raises an `AttributeError` that says why."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
+
+
 class RadTexModel(RefersModel):
     """[`RefersModel`] for a RadTex folder (`model_type="radtex"`): what `AutoModel` loads from it (the CNN)."""
 
@@ -40,9 +51,7 @@ class RadTexForPreTraining(RefersForPreTraining):
     _no_text_features = ("RadTexForPreTraining has no `get_text_features`: RadTex has no report encoder (it only "
                          "generates reports).")
 
-    @property
-    def get_text_features(self):
-        raise AttributeError(self._no_text_features)
+    get_text_features = _Absent()
 
     def __getattr__(self, name: str):
         if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why

@@ -214,3 +214,20 @@ def test_gradient_reaches_exactly_the_parameters_each_method_trains(studies, rad
     images = radiographs(6, size=64).reshape(2, 3, 3, 64, 64)
     ids = studies["input_ids"]
     assert idle(radtex, dict(pixel_values=images, view_mask=studies["view_mask"], labels=ids)) == set()
+
+
+def test_noise_decides_the_masked_patches_and_makes_the_forward_deterministic(studies):
+    """`noise` (as ViT-MAE's): the int(P * 0.25) patches with the smallest noise of each real view are kept, the rest
+    masked; the same noise gives the same outputs (what transformers' common tests need from a random-masking model)."""
+    torch.manual_seed(0)
+    model = MRMForPreTraining(tiny_config()).eval()
+    noise = torch.rand(5, 16, generator=torch.Generator().manual_seed(4))  # 5 real views, 16 patches
+    first = model(**studies, noise=noise)
+    kept = noise.argsort(dim=1)[:, :4]
+    expected = torch.ones(5, 16).scatter_(1, kept, 0.0)
+    assert torch.equal(first.mask, expected)
+    second = model(**studies, noise=noise)
+    torch.testing.assert_close(second.loss, first.loss, rtol=0, atol=0)
+    torch.testing.assert_close(second.reconstruction, first.reconstruction, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`noise` must have shape \(real views, patches\) = \(5, 16\)"):
+        model(**studies, noise=noise[:4])
