@@ -381,11 +381,17 @@ def test_auto_processor_round_trip(processor, image_paths, reports, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_saved_folder_loads_with_trust_remote_code(tokenizer, tmp_path, monkeypatch):
-    """With `register_for_auto_class`, the saved folder carries the processing code and loads without this package."""
+def test_saved_folder_loads_with_trust_remote_code(tokenizer, image_paths, tmp_path, monkeypatch):
+    """With `register_for_auto_class`, the saved folder carries the processing code (radiograph I/O included) and
+    loads without this package."""
     import subprocess
     import sys
     import textwrap
+
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    dicom = get_testdata_file("CT_small.dcm")
 
     monkeypatch.setattr(RefersImageProcessor, "_auto_class", "AutoImageProcessor")
     monkeypatch.setattr(RefersProcessor, "_auto_class", "AutoProcessor")
@@ -402,6 +408,9 @@ def test_saved_folder_loads_with_trust_remote_code(tokenizer, tmp_path, monkeypa
         out = processor(images=[[np.full((40, 40), 90, np.uint8)]], text=["Left effusion."], flip=True)
         assert type(processor).__name__ == "RefersProcessor" and tuple(out["pixel_values"].shape) == (1, 3, 3, 32, 32)
         print(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=True))
+        # radiograph_io.py travelled with the folder: files and DICOM decode there too
+        files = processor.image_processor([{dicom!r}, {str(image_paths[0])!r}], return_tensors="np")["pixel_values"]
+        assert files.shape == (2, 3, 32, 32) and "modeling_refers" not in sys.modules
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
