@@ -127,11 +127,14 @@ class OfficialMaskedReportCollator:
     study through `official_image_transform` at `config.input_image_size`; "processor": the processor's studies).
 
     Output: `pixel_values` `(B, C, S, S)` (official images) or the processor's `(B, V, C, S, S)` + `view_mask`;
-    `input_ids`, `attention_mask`, `labels` `(B, L)`; `study_ids` (kept aside by the trainer)."""
+    `input_ids`, `attention_mask`, `labels` `(B, L)`; `study_ids` (kept aside by the trainer). With the processor's
+    studies, `train_transform` augments them in training (None: `RadiographTrainTransform()`, REFERS's) and a
+    mirrored study's report has left / right swapped."""
 
     processor: object
     train: bool
     config: object
+    train_transform: object | None = None
     _generators: dict = field(default_factory=dict, repr=False)
     _flags: torch.Tensor | None = field(default=None, repr=False)
 
@@ -163,10 +166,15 @@ class OfficialMaskedReportCollator:
         else:
             from .augmentation_refers import RadiographTrainTransform
 
+            from .processing_refers import swap_left_right
+
             processed = self.processor(images=[example["images"] for example in examples], do_train_augment=self.train,
-                                       train_transform=RadiographTrainTransform() if self.train else None,
-                                       generator=rng if self.train else None, return_tensors="pt")
+                                       train_transform=(self.train_transform or RadiographTrainTransform())
+                                       if self.train else None,
+                                       generator=rng if self.train else None, return_flipped=True, return_tensors="pt")
             batch = {"pixel_values": processed["pixel_values"], "view_mask": processed["view_mask"]}
+            # the processor's studies are mirrored at random: their reports follow, as in the REFERS collators
+            reports = [swap_left_right(r) if f else r for r, f in zip(reports, processed["flipped"].tolist())]
         input_ids, attention_mask = encode_reports_official(tokenizer, reports, self.config.max_report_length)
         if self._flags is None:
             self._flags = continuation_flags(tokenizer)

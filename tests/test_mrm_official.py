@@ -560,5 +560,14 @@ def test_official_masking_with_the_processors_studies(vocab_file, radiographs):
     original, _ = encode_reports_official(tokenizer, [row["report"] for row in rows], 16)
     assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], original)
     assert tokenizer.convert_ids_to_tokens(original[0, :3].tolist()) == ["[CLS]", "left", "lower"]  # never swapped
+    # in training a mirrored study's report follows its images (flip forced, nothing else random)
+    from modeling_refers.augmentation_refers import RadiographTrainTransform
+
+    mirror = RadiographTrainTransform(rotation_degrees=0, random_crop=False, flip_probability=1.0,
+                                      color_jitter_probability=0.0)
+    config.mrm_report_mask_ratio = 0.0
+    flipped = OfficialMaskedReportCollator(processor, train=True, config=config, train_transform=mirror)(rows[:1])
+    assert torch.equal(flipped["pixel_values"][0, 0], studies["pixel_values"][0, 0].flip(-1))
+    assert tokenizer.convert_ids_to_tokens(flipped["labels"][0, :3].tolist()) == ["[CLS]", "right", "lower"]
     with pytest.raises(ValueError, match="mrm_image_augmentation='official' goes with mrm_report_masking='official'"):
         tiny(official=False, mrm_image_augmentation="official")
