@@ -209,6 +209,23 @@ def test_kwargs_class_follows_the_transformers_naming():
     assert "do_train_augment" in module.RefersImageProcessorKwargs.__annotations__
 
 
+def test_shipped_image_code_imports_only_siblings_and_decoding_libraries():
+    """What `save_pretrained` copies (the processor and the radiograph I/O it imports) must load without the package:
+    flat sibling imports only, and radiograph_io needs nothing beyond the standard library, numpy, PIL and pydicom."""
+    import sys
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    import modeling_refers.image_processing_refers as processor_module
+    import modeling_refers.radiograph_io as io_module
+
+    shipped = get_relative_import_files(processor_module.__file__)
+    assert [Path(path).name for path in shipped] == ["radiograph_io.py"]
+    third_party = set(get_imports(io_module.__file__)) - set(sys.stdlib_module_names)
+    assert third_party == {"numpy", "PIL", "pydicom"}
+    assert get_relative_import_files(io_module.__file__) == []
+
+
 # ----------------------------------------------------------------------------- determinism and randomness
 def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_paths):
     studies = [[covid_paths[0], covid_paths[1]], [covid_paths[2]]]
