@@ -189,14 +189,15 @@ class MRMForPreTraining(RefersForPreTraining):
         # layer keeps its own bias and this copy would sit idle
         self.report_head.predictions.bias.requires_grad_(False)
         self.text_projection = None  # MRM predicts report words; it does not embed whole reports
-        self._freeze_official_tables()
+        self._freeze_fixed_tables()
 
-    def _freeze_official_tables(self) -> None:
-        # the official encoder and decoder tables are fixed (requires_grad=False): again after loading, where
-        # transformers' from_pretrained hands back trainable parameters
+    def _freeze_fixed_tables(self) -> None:
+        # the fixed sin-cos tables stay frozen (requires_grad=False): the image decoder's in every mode (ViT-MAE's),
+        # the encoder's with mrm_position_embeddings="sincos"; again after loading (from_pretrained runs
+        # `initialize_weights`), where transformers hands back trainable parameters
+        self.image_decoder.decoder_pos_embed.requires_grad_(False)
         if self.config.mrm_position_embeddings == "sincos":
             self.refers.embeddings.position_embeddings.requires_grad_(False)
-            self.image_decoder.decoder_pos_embed.requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -210,7 +211,7 @@ class MRMForPreTraining(RefersForPreTraining):
         official code's on top (model_mrm.MRM.initialize_weights also runs after BertForMaskedLM's) and the fixed
         sin-cos encoder table. Through `transformers.initialization`, so weights loaded from a checkpoint are kept."""
         super().initialize_weights()
-        self._freeze_official_tables()
+        self._freeze_fixed_tables()
         if self.config.mrm_initialization == "xavier":
             self._init_official_weights()
         if self.config.mrm_position_embeddings == "sincos":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers.image_utils import PILImageResampling
 
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
 from datasets_scripts.prepared_images import load_prepared_dataset, warn_if_upscaled
@@ -45,7 +46,8 @@ from .hub_upload import check_hub_arguments
 from .modeling_joimternet import JoImTeRNetForPreTraining
 from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
-from .mrm_official import OfficialMaskedReportCollator, load_mrm_tokenizer
+from .mrm_official import (MRM_OFFICIAL_PIXEL_MEAN, MRM_OFFICIAL_PIXEL_STD, OfficialMaskedReportCollator,
+                           load_mrm_tokenizer)
 from .model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
@@ -126,6 +128,21 @@ def masked_report_collator(processor, train: bool, config, decoder_tokenizer):
         return OfficialMaskedReportCollator(processor, train=train, config=config)
     return MaskedReportCollator(processor, train=train, mask_ratio=config.mrm_report_mask_ratio,
                                 loss_positions=config.mrm_report_loss_positions)
+
+
+def build_processor(config: RefersConfig, tokenizer, resize: str = "square") -> RefersProcessor:
+    """The processor a run saves beside its model: the images as the model was trained on them. By default the
+    paper's resize-then-crop at `config.input_image_size` (`processor_sizes`) and mean = std = 0.5; with MRM's official
+    image pipeline (`mrm_image_augmentation="official"`) its evaluation transform instead (`official_image_transform`):
+    a bicubic resize to `input_image_size` squared, no crop, normalised with 0.4978 / 0.2449."""
+    if getattr(config, "mrm_image_augmentation", "processor") == "official":
+        side = config.input_image_size
+        image_processor = RefersImageProcessor(
+            size={"height": side, "width": side}, do_center_crop=False, resample=PILImageResampling.BICUBIC,
+            image_mean=[MRM_OFFICIAL_PIXEL_MEAN] * 3, image_std=[MRM_OFFICIAL_PIXEL_STD] * 3)
+    else:
+        image_processor = RefersImageProcessor(**processor_sizes(config.input_image_size, resize))
+    return RefersProcessor(image_processor, tokenizer, num_views=config.num_views, max_length=config.max_report_length)
 
 
 @dataclass(frozen=True)
@@ -488,10 +505,10 @@ def main(argv=None):
     config = model.config
     method = PRETRAINING_METHODS[model_args.method]
     # the processor delivers the size the model reads (MRM's super-resolution target: larger than its encoder's input)
-    sizes = processor_sizes(config.input_image_size, data_args.resize)
-    processor = RefersProcessor(RefersImageProcessor(**sizes), tokenizer, num_views=config.num_views,
-                                max_length=config.max_report_length)
-    warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
+    processor = build_processor(config, tokenizer, data_args.resize)
+    size = processor.image_processor.size
+    warn_if_upscaled(data_args.prepared_data_dir, {key: getattr(size, key) for key in ("height", "width", "shortest_edge")
+                                                   if getattr(size, key, None)})
     if method.idle_parameters(config):
         training_args.ddp_find_unused_parameters = True
     optimizer = RECIPES[training_args.recipe](training_args)

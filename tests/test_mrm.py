@@ -231,3 +231,78 @@ def test_noise_decides_the_masked_patches_and_makes_the_forward_deterministic(st
     torch.testing.assert_close(second.reconstruction, first.reconstruction, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"`noise` must have shape \(real views, patches\) = \(5, 16\)"):
         model(**studies, noise=noise[:4])
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_fixed_sincos_tables_stay_frozen_after_loading_and_training(official, studies, tmp_path):
+    # ViT-MAE's decoder table is a fixed 2-D sin-cos table in every mode (the encoder's too with the official switch);
+    # transformers' from_pretrained hands parameters back trainable: the model must freeze them again
+    config = tiny_config()
+    if official:
+        config = MRMForPreTraining.config_class.from_official(**{k: v for k, v in config.to_diff_dict().items()
+                                                                 if k in ("image_size", "patch_size", "hidden_size",
+                                                                          "num_hidden_layers", "num_attention_heads",
+                                                                          "intermediate_size", "text_config")
+                                                                 or k.startswith("mrm_decoder_")},
+                                                              mrm_reconstruction_size=32)
+    MRMForPreTraining(config).save_pretrained(tmp_path)
+    model = MRMForPreTraining.from_pretrained(tmp_path)
+    table = model.image_decoder.decoder_pos_embed
+    assert not table.requires_grad
+    assert model.refers.embeddings.position_embeddings.requires_grad is not official  # learned in the paper's mode
+    # MAE's table by hand (its get_2d_sincos_pos_embed): row 0 the class token's zeros, then patch (h, w) of the 4 x 4
+    # grid -> [sin(w f), cos(w f), sin(h f), cos(h f)], f = 10000 ** -(i / (D / 4))
+    quarter = config.mrm_decoder_hidden_size // 4
+    frequencies = 10000.0 ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
+    h, w = torch.meshgrid(torch.arange(4.0, dtype=torch.float64), torch.arange(4.0, dtype=torch.float64), indexing="ij")
+    w, h = w.flatten()[:, None] * frequencies, h.flatten()[:, None] * frequencies
+    reference = torch.cat([torch.zeros(1, 4 * quarter, dtype=torch.float64),
+                           torch.cat([w.sin(), w.cos(), h.sin(), h.cos()], dim=1)])
+    torch.testing.assert_close(table[0], reference.to(table.dtype), rtol=0, atol=1e-6)
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    model.train()
+    model(**studies, noise=torch.rand(5, 16, generator=torch.Generator().manual_seed(1))).loss.backward()
+    optimizer.step()
+    assert table.grad is None
+    assert torch.equal(table, before["image_decoder.decoder_pos_embed"])
+    assert not torch.equal(model.image_decoder.mask_token, before["image_decoder.mask_token"])  # the step did train
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[MASK]": 3, "[SEP]": 4, "clear": 5, "lungs": 6}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  mask_token="[MASK]", sep_token="[SEP]")
+
+
+def test_saved_processor_normalises_as_the_model_was_trained(tmp_path):
+    # run_pretrain saves `build_processor(config, ...)`: with MRM's official image pipeline, its evaluation transform
+    # (bicubic resize to the 2x target, no crop, mean 0.4978 / std 0.2449), checked against `official_image_transform`
+    from PIL import Image
+
+    from conftest import _radiograph_dir
+    from modeling_refers import MRMConfig, RefersProcessor
+    from modeling_refers.mrm_official import official_image_transform
+    from modeling_refers.pretrain_refers import build_processor
+
+    official = MRMConfig.from_official(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=64)
+    build_processor(official, _tiny_tokenizer()).save_pretrained(tmp_path)
+    processor = RefersProcessor.from_pretrained(tmp_path)
+    assert list(processor.image_processor.image_mean) == [0.4978] * 3
+    assert list(processor.image_processor.image_std) == [0.2449] * 3
+    image = Image.open(sorted(_radiograph_dir().glob("*.png"))[0]).convert("RGB").resize((200, 200))
+    pixels = processor(images=[[image]], return_tensors="pt")["pixel_values"].reshape(-1, 3, 64, 64)[0]
+    reference = official_image_transform(train=False, size=64)(image)
+    assert pixels.shape == reference.shape == (3, 64, 64)
+    # PIL bicubic (the processor) vs torchvision's on the same PIL image: one grey level at most (1 / 255 / 0.2449)
+    torch.testing.assert_close(pixels, reference, rtol=0, atol=1 / 255 / 0.2449 + 1e-4)
+    paper = build_processor(MRMConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, intermediate_size=64), _tiny_tokenizer())
+    assert list(paper.image_processor.image_mean) == [0.5] * 3 and paper.image_processor.crop_size.height == 32
