@@ -18,7 +18,9 @@ setup(
     packages=[*find_packages(include=["modeling_refers", "modeling_refers.*", "datasets_scripts", "datasets_scripts.*"]),
               "datasets_scripts.sample_data"],
     package_dir={"datasets_scripts.sample_data": "sample_data"},
-    package_data={"modeling_refers": ["metrics/**/*.py", "metrics/**/README.md", "model_card_template.md"],
+    # the bundled `evaluate` module (modeling_refers/metrics/multilabel_auc/) and the model card's Jinja template
+    package_data={"modeling_refers.metrics": ["multilabel_auc/*.py", "multilabel_auc/README.md"],
+                  "modeling_refers.hub": ["model_card_template.md"],
                   "datasets_scripts.sample_data": ["**/*"]},
     exclude_package_data={"datasets_scripts.sample_data": ["**/__pycache__/*", "**/*.pyc"]},
     install_requires=[

@@ -331,7 +331,7 @@ def fit_probe(cache: dict, train_ids: list[str], label_names: list[str]) -> dict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from modeling_refers.evaluation import multilabel_auc
+    from modeling_refers.metrics import multilabel_auc
 
     x, y = rows_of(cache, "train", train_ids)
     xv, yv = rows_of(cache, "validation")
@@ -393,9 +393,9 @@ def linear_probe(family: str, inits: list[tuple[str, Path | None]], out: Path, a
 
 def zero_shot(method: str, folder: Path, out: Path, data) -> dict:
     """Zero-shot test AUC from DEFAULT_PROMPTS[kermany_pneumonia]; p: Mann-Whitney U test of AUC = 0.5."""
-    from modeling_refers.downstream_utils import load_pretraining_folder
-    from modeling_refers.evaluation import multilabel_auc
-    from modeling_refers.zero_shot_refers import load_prompts, zero_shot_classify
+    from modeling_refers.tasks.common import load_pretraining_folder
+    from modeling_refers.metrics import multilabel_auc
+    from modeling_refers.tasks.zero_shot import load_prompts, zero_shot_classify
 
     path = out / "zero_shot" / f"{method}.json"
     if path.is_file():
@@ -422,8 +422,8 @@ def retrieval(method: str, folder: Path, out: Path, paired_validation) -> dict:
     """Held-out study -> report retrieval among the validation split's distinct reports: Recall@K of the study's
     own report (by report_id), and precision@1 of the finding (the top report's finding is the study's); p: binomial
     test of that precision against the share of same-finding reports a random pick gets."""
-    from modeling_refers.downstream_utils import load_pretraining_folder
-    from modeling_refers.retrieval_refers import retrieve, top_k
+    from modeling_refers.tasks.common import load_pretraining_folder
+    from modeling_refers.tasks.retrieval import retrieve, top_k
 
     path = out / "retrieval" / f"{method}.json"
     if path.is_file():

@@ -6,7 +6,7 @@
 The folder is loaded first (AutoModelForPreTraining / AutoModelForImageClassification / AutoModel, whichever its
 config names), so a broken folder is refused before anything is uploaded. A model card (README.md) is written from
 `results.json` when the folder has one, else a pretrained-model card, unless the folder already carries a card.
-Only model files are uploaded (`modeling_refers.hub_upload.hub_files`, the list the Trainer's push uses too): config,
+Only model files are uploaded (`modeling_refers.hub.upload.hub_files`, the list the Trainer's push uses too): config,
 weights, processor / tokenizer files, the modeling code named in `auto_map`, the card and the figures it shows. Never
 `training_args.bin`, `results.json`, `run_signature.json` or checkpoints; the per-image files `predictions.csv` (test
 labels and scores) and `label_ids.json` (training image ids) only with `--include_predictions` / `--include_label_ids`.
@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from transformers.hf_argparser import string_to_bool
 
 import modeling_refers  # noqa: F401  (registers the Auto classes)
-from modeling_refers.hub_upload import upload_model_folder
-from modeling_refers.model_card import make_model_card, save_model_card
+from modeling_refers.hub.upload import upload_model_folder
+from modeling_refers.hub.model_card import make_model_card, save_model_card
 
 AUTO_CLASSES = {
     "RefersForPreTraining": AutoModelForPreTraining,

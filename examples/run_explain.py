@@ -30,8 +30,8 @@ from pathlib import Path
 from datasets_scripts.nih_chestxray14 import BBOX_FILE, index_images, load_nih_bounding_boxes
 from datasets_scripts.vinbigdata import load_vinbigdata
 from modeling_refers import RefersForImageClassification, RefersImageProcessor
-from modeling_refers.downstream_utils import check_model_folder
-from modeling_refers.explanations_refers import (
+from modeling_refers.tasks.common import check_model_folder
+from modeling_refers.tasks.explanations import (
     ATTENTION_METHODS,
     CAM_METHODS,
     explanation_grid_png,

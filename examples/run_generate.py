@@ -3,7 +3,7 @@
 
     python examples/run_generate.py --model_name_or_path runs/pretrain --output_dir runs/generate
 
-Decodings: greedy and beam search (`--num_beams 1 3`). Scores (`modeling_refers.evaluation.report_generation_metrics`):
+Decodings: greedy and beam search (`--num_beams 1 3`). Scores (`modeling_refers.metrics.report_generation_metrics`):
 BLEU-1..4, ROUGE-L and CIDEr from pycocoevalcap, METEOR from pycocoevalcap when Java is found, ROUGE-L F1 from
 rouge-score and corpus BLEU from sacrebleu. Writes `reports.jsonl` (one line per study: reference and each decoding),
 `results.json` (scores per decoding), `report_examples.png` (views, reference, reports) and `metrics.png`.
@@ -17,10 +17,10 @@ import logging
 import os
 
 
-from modeling_refers.downstream_utils import add_source_split_arguments, load_pretraining_folder, load_source_split
-from modeling_refers.evaluation import report_generation_metrics
+from modeling_refers.tasks.common import add_source_split_arguments, load_pretraining_folder, load_source_split
+from modeling_refers.metrics import report_generation_metrics
 from modeling_refers.file_utils import atomic_write_text
-from modeling_refers.generation_refers import generate_reports, metrics_bar_png, report_examples_png
+from modeling_refers.tasks.generation import generate_reports, metrics_bar_png, report_examples_png
 
 logger = logging.getLogger(__name__)
 

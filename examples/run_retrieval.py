@@ -18,9 +18,9 @@ import logging
 import os
 
 
-from modeling_refers.downstream_utils import add_source_split_arguments, load_pretraining_folder, load_source_split
+from modeling_refers.tasks.common import add_source_split_arguments, load_pretraining_folder, load_source_split
 from modeling_refers.file_utils import atomic_write_text
-from modeling_refers.retrieval_refers import (
+from modeling_refers.tasks.retrieval import (
     retrieval_examples_png,
     retrieve,
     similarity_png,

@@ -4,14 +4,14 @@
     python examples/run_zero_shot.py --model_name_or_path runs/pretrain --dataset_name nih_chestxray14 \
         --output_dir runs/zero-shot-nih
 
-Per class, a positive and a negative sentence (`modeling_refers.zero_shot_refers.DEFAULT_PROMPTS`, or your own
+Per class, a positive and a negative sentence (`modeling_refers.tasks.zero_shot.DEFAULT_PROMPTS`, or your own
 `--prompts_file`, in the form of the `prompts.json` this script writes) are encoded by the report encoder and
 compared with the study embedding; the class probability is CheXzero's softmax over the pair. Writes `results.json`
 (per-class and mean AUC, prompts), `prompts.json`, `predictions.csv`, `roc_curve.png`, `auc_bars.png` and
 `examples.png` (radiographs with their true labels and top zero-shot probabilities).
 
 The same model runs in transformers' pipeline:
-    import modeling_refers.zero_shot_refers; from transformers import pipeline
+    import modeling_refers.tasks.zero_shot; from transformers import pipeline
     pipe = pipeline("zero-shot-image-classification", model="runs/pretrain")
     pipe("image.png", candidate_labels=["There is cardiomegaly.", "There is no cardiomegaly."], hypothesis_template="{}")
 """
@@ -29,10 +29,10 @@ import numpy as np
 
 
 from datasets_scripts import SAMPLE_DATA_DIR, TARGET_DATASETS, load_target_dataset
-from modeling_refers.downstream_utils import load_pretraining_folder
-from modeling_refers.evaluation import multilabel_auc, roc_curve_png
+from modeling_refers.tasks.common import load_pretraining_folder
+from modeling_refers.metrics import multilabel_auc, roc_curve_png
 from modeling_refers.file_utils import atomic_write_text
-from modeling_refers.zero_shot_refers import (
+from modeling_refers.tasks.zero_shot import (
     auc_bars_png,
     load_prompts,
     prompts_to_json,

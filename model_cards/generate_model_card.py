@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 try:
-    from modeling_refers.model_card import DEFAULT_TAGS, load_results, make_model_card, save_model_card
+    from modeling_refers.hub.model_card import DEFAULT_TAGS, load_results, make_model_card, save_model_card
 except ImportError:  # run from a checkout where the package is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_refers.model_card import DEFAULT_TAGS, load_results, make_model_card, save_model_card
+    from modeling_refers.hub.model_card import DEFAULT_TAGS, load_results, make_model_card, save_model_card
 
 
 def parse_args(argv=None) -> argparse.Namespace:

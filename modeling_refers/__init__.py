@@ -14,7 +14,7 @@ from .configuration_joimternet import JoImTeRNetConfig
 from .configuration_mrm import MRMConfig
 from .configuration_radtex import RadTexConfig
 from .configuration_refers import RefersConfig
-from .evaluation import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
+from .metrics import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
 from .image_processing_refers import RefersImageProcessor
 from .modeling_refers import (
     RefersBackbone,
@@ -29,7 +29,7 @@ from .modeling_refers import (
 from .processing_refers import RefersProcessor, select_views, swap_left_right
 from .radiograph_io import load_dicom, load_radiograph, window_to_uint8
 from .report_tokenizer import train_report_tokenizer
-from .zero_shot_refers import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
+from .tasks.zero_shot import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_joimternet import (
     JoImTeRNetBackbone,
     JoImTeRNetForImageClassification,
@@ -85,7 +85,7 @@ RefersForImageClassification.register_for_auto_class("AutoModelForImageClassific
 RefersForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 RefersImageProcessor.register_for_auto_class("AutoImageProcessor")
 RefersProcessor.register_for_auto_class("AutoProcessor")
-# The radiograph transformer as a backbone for dense heads (UperNet; modeling_refers.segmentation_refers).
+# The radiograph transformer as a backbone for dense heads (UperNet; modeling_refers.tasks.segmentation).
 AutoBackbone.register(RefersConfig, RefersBackbone, exist_ok=True)
 RefersBackbone.register_for_auto_class("AutoBackbone")
 

@@ -15,7 +15,7 @@ Nothing is written before the inputs are known good. A run in an `--output_dir` 
 only when they come from the same run (`run_signature.json`: data, label ratio, seed, starting point and recipe);
 otherwise it stops with the fields that differ. `--start_fresh` deletes the old checkpoints and starts again. `--push_to_hub
 --hub_model_id org/name` pushes the model with a model card filled from those results, to a private repo unless
-`--hub_private_repo false`; only model files go (`modeling_refers.hub_upload`): per-image files only with
+`--hub_private_repo false`; only model files go (`modeling_refers.hub.upload`): per-image files only with
 `--hub_include_predictions` / `--hub_include_label_ids`. Paths in `results.json` are relative to `--output_dir`.
 """
 
@@ -56,10 +56,10 @@ from datasets_scripts import (
     select_by_ids,
 )
 from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
-from .evaluation import multilabel_auc, roc_curve_png
+from .metrics import multilabel_auc, roc_curve_png
 from .file_utils import atomic_open, atomic_write_text
-from .hub_upload import check_hub_arguments
-from .model_card import dataset_display_name, make_model_card, save_model_card
+from .hub.upload import check_hub_arguments
+from .hub.model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.labelled_images import NAME as LABELLED_IMAGES

@@ -42,13 +42,13 @@ from . import (
     train_report_tokenizer,
 )
 from .file_utils import atomic_write_text
-from .hub_upload import check_hub_arguments
+from .hub.upload import check_hub_arguments
 from .modeling_joimternet import JoImTeRNetForPreTraining
 from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
 from .mrm_official import (MRM_OFFICIAL_PIXEL_MEAN, MRM_OFFICIAL_PIXEL_STD, OfficialMaskedReportCollator,
                            load_mrm_tokenizer)
-from .model_card import dataset_display_name, make_model_card, save_model_card
+from .hub.model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from .training_refers import (
     PRETRAINING_RECIPES,

@@ -20,7 +20,7 @@ from datasets_scripts import (
     load_target_dataset,
 )
 from datasets_scripts.kermany_pneumonia import parse_kermany_name
-from modeling_refers.zero_shot_refers import load_prompts
+from modeling_refers.tasks.zero_shot import load_prompts
 
 KERMANY = "kermany_pneumonia"
 WHY = "the Kermany pediatric pneumonia images are not in sample_data/"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from modeling_refers.evaluation import (
+from modeling_refers.metrics import (
     METRIC_PATH,
     UndefinedAUCWarning,
     load_multilabel_auc_metric,

@@ -16,7 +16,7 @@ from PIL import Image
 from datasets_scripts import NIH_LABEL_NAMES
 from datasets_scripts.nih_chestxray14 import index_images, load_nih_bounding_boxes
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor
-from modeling_refers.explanations_refers import (
+from modeling_refers.tasks.explanations import (
     attention_maps,
     best_iou,
     box_iou,

@@ -1,4 +1,4 @@
-"""What a push uploads (modeling_refers/hub_upload.py): an allow-list of model files, private repos by default."""
+"""What a push uploads (modeling_refers/hub/upload.py): an allow-list of model files, private repos by default."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor
 from modeling_refers.finetune_refers import FinetuningArguments
-from modeling_refers.hub_upload import check_hub_arguments, hub_files, upload_model_folder
+from modeling_refers.hub.upload import check_hub_arguments, hub_files, upload_model_folder
 from modeling_refers.pretrain_refers import PretrainingArguments
 from modeling_refers.training_refers import RefersTrainer
 

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from datasets_scripts import load_kermany_paired_reports
 from modeling_refers import RefersForPreTraining, RefersProcessor
-from modeling_refers.retrieval_refers import encode_reports, encode_studies
+from modeling_refers.tasks.retrieval import encode_reports, encode_studies
 
 TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
         "num_views=1,view_fusion_hidden_size=32,decoder_hidden_size=32,decoder_num_attention_heads=2,"

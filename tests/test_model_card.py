@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from modeling_refers.model_card import (
+from modeling_refers.hub.model_card import (
     DEFAULT_TAGS,
     REFERS_CITATION,
     load_results,
@@ -257,7 +257,7 @@ def test_every_registry_data_set_gets_its_name_licence_and_attribution_from_the_
 
 def test_model_card_keeps_no_table_of_data_set_facts():
     """The display names, licences and citations live on the registry entries only (no second table to drift)."""
-    import modeling_refers.model_card as model_card
+    import modeling_refers.hub.model_card as model_card
     from datasets_scripts import SOURCE_DATASETS, TARGET_DATASETS
 
     source = Path(model_card.__file__).read_text()

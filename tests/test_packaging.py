@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
            "files": sorted(str(p.relative_to(datasets_scripts.SAMPLE_DATA_DIR))
                            for p in datasets_scripts.SAMPLE_DATA_DIR.rglob("*") if p.is_file()),
            "checked": str(datasets_scripts.check_data_dir(default))}
-    from modeling_refers.model_card import make_model_card  # its Jinja template is package data too
+    from modeling_refers.hub.model_card import make_model_card  # its Jinja template is package data too
     out["card"] = make_model_card(None, model_name="installed").text.splitlines()[1]
     shutil.rmtree(datasets_scripts.SAMPLE_DATA_DIR)  # an installation without the sample: the error says what to pass
     try:

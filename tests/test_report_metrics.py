@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from downstream_checkpoint import make_tiny_pretraining_checkpoint
-from modeling_refers.downstream_utils import load_pretraining_folder
-from modeling_refers.evaluation import meteor_available, report_generation_metrics, tokenize_report
-from modeling_refers.generation_refers import generate_reports
+from modeling_refers.tasks.common import load_pretraining_folder
+from modeling_refers.metrics import meteor_available, report_generation_metrics, tokenize_report
+from modeling_refers.tasks.generation import generate_reports
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from downstream_checkpoint import make_tiny_pretraining_checkpoint
-from modeling_refers.downstream_utils import load_pretraining_folder
-from modeling_refers.evaluation import retrieval_metrics
-from modeling_refers.retrieval_refers import retrieve, same_text_relevance, top_k
+from modeling_refers.tasks.common import load_pretraining_folder
+from modeling_refers.metrics import retrieval_metrics
+from modeling_refers.tasks.retrieval import retrieve, same_text_relevance, top_k
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -15,7 +15,7 @@ from scipy import stats
 from transformers import AutoModel, AutoModelForImageClassification
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersForPreTraining, RefersModel
-from modeling_refers.evaluation import multilabel_auc
+from modeling_refers.metrics import multilabel_auc
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -177,7 +177,7 @@ def test_bad_inputs(tmp_path, nih_dir, tiny_refers_checkpoint):
                            str(wrong), *FAST])
 
 
-# What a fine-tuned model repo holds: model files only (modeling_refers.hub_upload), never training_args.bin (the
+# What a fine-tuned model repo holds: model files only (modeling_refers.hub.upload), never training_args.bin (the
 # token), results.json / run_signature.json (local paths) or per-image files.
 FINETUNED_REPO_FILES = {".gitattributes", "README.md", "config.json", "configuration_refers.py",
                         "image_processing_refers.py", "model.safetensors", "modeling_refers.py",

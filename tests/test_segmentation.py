@@ -22,7 +22,7 @@ from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmenta
 
 import modeling_refers
 from modeling_refers import RefersBackbone, RefersConfig, RefersForImageClassification, RefersModel
-from modeling_refers.segmentation_refers import (
+from modeling_refers.tasks.segmentation import (
     AUXILIARY_LOSS_WEIGHTS,
     DECODE_LOSS_WEIGHTS,
     build_segmentation_model,
@@ -362,9 +362,9 @@ def test_run_segment_end_to_end(tmp_path, shared_data_dir):
     overlay = Image.open(tmp_path / "run" / saved["overlays"][0]["file"])
     assert overlay.mode == "RGB" and overlay.size == (256, 256)
     # the test Dice is the mean per-image Dice of the saved model's argmax predictions (hand computation)
-    model = modeling_refers.segmentation_refers.RefersUperNetForSemanticSegmentation.from_pretrained(
+    model = modeling_refers.tasks.segmentation.RefersUperNetForSemanticSegmentation.from_pretrained(
         tmp_path / "run").eval()
-    collate = modeling_refers.segmentation_refers.SegmentationCollator(32)
+    collate = modeling_refers.tasks.segmentation.SegmentationCollator(32)
     batch = collate([data["test"][i] for i in range(3)])
     with torch.no_grad():
         predicted = model(pixel_values=batch["pixel_values"]).logits.argmax(1).numpy()
@@ -432,8 +432,8 @@ def test_run_segment_on_the_siim_builder(tmp_path, siim):
 
 def test_trainer_evaluates_without_flips_and_keeps_every_image(tmp_path):
     from datasets import Dataset
-    from modeling_refers.segmentation_refers import SegmentationCollator, SegmentationTrainer
-    from modeling_refers.segmentation_refers import SegmentationTrainingArguments
+    from modeling_refers.tasks.segmentation import SegmentationCollator, SegmentationTrainer
+    from modeling_refers.tasks.segmentation import SegmentationTrainingArguments
 
     model, _ = build_segmentation_model(None, TINY_OVERRIDES, out_indices=[0, 1, 2], rescales=[2, 1, 0.5])
     rows = Dataset.from_dict({"k": list(range(5))})
@@ -449,7 +449,7 @@ def test_trainer_evaluates_without_flips_and_keeps_every_image(tmp_path):
 
 
 def test_overlay_draws_both_contours(tmp_path, shared_data_dir):
-    from modeling_refers.segmentation_refers import save_overlay
+    from modeling_refers.tasks.segmentation import save_overlay
 
     image = Image.open(sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[0])
     true, predicted = np.zeros((32, 32), int), np.zeros((32, 32), int)

@@ -14,8 +14,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from downstream_checkpoint import make_tiny_pretraining_checkpoint
-from modeling_refers.downstream_utils import load_pretraining_folder
-from modeling_refers.zero_shot_refers import (
+from modeling_refers.tasks.common import load_pretraining_folder
+from modeling_refers.tasks.zero_shot import (
     DEFAULT_PROMPTS,
     RefersForZeroShotImageClassification,
     load_prompts,

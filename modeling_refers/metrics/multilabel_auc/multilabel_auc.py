@@ -1,14 +1,14 @@
 """`evaluate` module: per-class ROC AUC and its mean over defined classes (REFERS fine-tuning metric).
 
 Load it from its folder, offline: `evaluate.load("<site-packages>/modeling_refers/metrics/multilabel_auc")`, or
-`modeling_refers.evaluation.load_multilabel_auc_metric()`. `evaluate` copies this script into its module cache
+`modeling_refers.metrics.load_multilabel_auc_metric()`. `evaluate` copies this script into its module cache
 before importing it, so it imports the installed package absolutely (never `from ..evaluation import`).
 """
 
 import datasets
 import evaluate
 
-from modeling_refers.evaluation import multilabel_auc
+from modeling_refers.metrics import multilabel_auc
 
 
 _DESCRIPTION = """\

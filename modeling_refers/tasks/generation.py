@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .downstream_utils import batches, grayscale, new_figure, save_figure
+from .common import batches, grayscale, new_figure, save_figure
 
 
 @torch.no_grad()

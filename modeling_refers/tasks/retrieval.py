@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import ModelOutput
 
-from .downstream_utils import batches, grayscale, new_figure, save_figure
-from .evaluation import retrieval_metrics
+from .common import batches, grayscale, new_figure, save_figure
+from ..metrics import retrieval_metrics
 
 
 @dataclass

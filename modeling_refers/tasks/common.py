@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .file_utils import atomic_open
+from ..file_utils import atomic_open
 
 
 def check_model_folder(path: str | os.PathLike, argument: str = "--model_name_or_path") -> Path:
@@ -38,8 +38,8 @@ def load_pretraining_folder(
     """
     from transformers import AutoTokenizer
 
-    from .modeling_refers import RefersForPreTraining
-    from .processing_refers import RefersProcessor
+    from ..modeling_refers import RefersForPreTraining
+    from ..processing_refers import RefersProcessor
 
     folder = check_model_folder(path, argument)
     model = RefersForPreTraining.from_pretrained(folder).eval()
@@ -116,7 +116,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 def grayscale(image: Any) -> np.ndarray:
     """A radiograph (path, PIL image, array) as a `(H, W)` uint8 array for display."""
-    from .radiograph_io import load_radiograph
+    from ..radiograph_io import load_radiograph
 
     array = load_radiograph(image)
     return array if array.ndim == 2 else array[..., :3].mean(axis=-1).astype(np.uint8)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .downstream_utils import new_figure, pixels_to_display, save_figure
+from .common import new_figure, pixels_to_display, save_figure
 
 
 def _grad_cam_library():
@@ -260,7 +260,7 @@ def localise(model, image_processor, images: Sequence[Any], boxes: Sequence[Sequ
     """
     from tqdm.auto import tqdm
 
-    from .radiograph_io import load_radiograph
+    from ..radiograph_io import load_radiograph
 
     unknown = sorted({b["label"] for group in boxes for b in group} - set(model.config.label2id))
     if unknown:

@@ -48,9 +48,9 @@ from PIL import Image, ImageFilter
 from transformers import HfArgumentParser, Trainer, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .configuration_refers import RefersConfig
-from .file_utils import atomic_write_text
-from .modeling_refers import RefersBackbone
+from ..configuration_refers import RefersConfig
+from ..file_utils import atomic_write_text
+from ..modeling_refers import RefersBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def main(argv=None) -> dict:
     parser = HfArgumentParser((SegmentationArguments, SegmentationTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from .training_refers import resume_checkpoint, write_run_signature
+    from ..training_refers import resume_checkpoint, write_run_signature
 
     # Inputs first: nothing is written before they are known good.
     if training_args.do_train and training_args.per_device_train_batch_size < 2:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .file_utils import atomic_open
+from ..file_utils import atomic_open
 
 
-METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "multilabel_auc"
+METRIC_PATH = Path(__file__).resolve().parent / "multilabel_auc"
 """Folder of the `evaluate` module shipped with the package (`evaluate.load(str(METRIC_PATH))`)."""
 
 

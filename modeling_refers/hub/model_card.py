@@ -26,7 +26,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .file_utils import atomic_open
+from ..file_utils import atomic_open
 
 
 DEFAULT_TAGS = ("refers", "chest-x-ray", "medical-imaging", "vision-transformer")

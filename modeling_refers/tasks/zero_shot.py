@@ -23,10 +23,10 @@ import torch
 from transformers import AutoModelForZeroShotImageClassification
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_refers import RefersConfig
-from .downstream_utils import batches, grayscale, new_figure, save_figure
-from .modeling_refers import RefersForPreTraining
-from .retrieval_refers import study_embeddings
+from ..configuration_refers import RefersConfig
+from .common import batches, grayscale, new_figure, save_figure
+from ..modeling_refers import RefersForPreTraining
+from .retrieval import study_embeddings
 
 
 def _nih(finding: str) -> tuple[str, str]:
