@@ -278,9 +278,10 @@ def probe_model(name: str, folder: Path | None, config_overrides: str | None, se
     from transformers import set_seed
 
     from modeling_refers import RefersConfig, RefersForImageClassification
+    from modeling_refers.loading import from_pretrained_checked
 
     if folder is not None:
-        model, _ = RefersForImageClassification.from_pretrained_checked(str(folder), **label_kwargs)
+        model, _ = from_pretrained_checked(RefersForImageClassification, str(folder), **label_kwargs)
     else:
         set_seed(seed)
         config = RefersConfig(**label_kwargs)

@@ -16,6 +16,13 @@ from .configuration_radtex import RadTexConfig
 from .configuration_refers import RefersConfig
 from .metrics import load_multilabel_auc_metric, multilabel_auc, roc_curve_png
 from .image_processing_refers import RefersImageProcessor
+from .loading import (
+    CheckpointLoadReport,
+    TimmLoadReport,
+    convert_timm_vit_state_dict,
+    from_pretrained_checked,
+    load_timm_weights,
+)
 from .modeling_refers import (
     RefersBackbone,
     RefersForImageClassification,
@@ -23,8 +30,6 @@ from .modeling_refers import (
     RefersModel,
     RefersPreTrainedModel,
     RefersViewFusion,
-    TimmLoadReport,
-    convert_timm_vit_state_dict,
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right
 from .radiograph_io import load_dicom, load_radiograph, window_to_uint8
@@ -123,6 +128,9 @@ __all__ = [
     "RefersModel",
     "RefersPreTrainedModel",
     "RefersViewFusion",
+    "CheckpointLoadReport",
     "TimmLoadReport",
     "convert_timm_vit_state_dict",
+    "from_pretrained_checked",
+    "load_timm_weights",
 ]

@@ -46,10 +46,11 @@ import torch
 
 from .configuration_mrm import MRMConfig
 from .configuration_refers import RefersConfig
-from .convert_refers_original_checkpoint import ConversionReport, load_official_checkpoint
+from .convert_refers_original_checkpoint import ConversionReport
 from .file_utils import write_folder_atomically
 from .modeling_mrm import MRMForPreTraining
-from .modeling_refers import RefersForImageClassification, convert_timm_vit_state_dict
+from .loading import convert_timm_vit_state_dict, read_state_dict
+from .modeling_refers import RefersForImageClassification
 from transformers.utils import logging
 
 
@@ -387,7 +388,8 @@ def convert_mrm_original_checkpoint(
     # main_pretrain.py saves its `args` (an argparse.Namespace of plain values) beside the weights: allowed to
     # unpickle; anything else that is not a tensor or a plain container is still refused by the reader
     with torch.serialization.safe_globals([argparse.Namespace]):
-        state_dict = load_official_checkpoint(checkpoint_path)
+        state_dict = read_state_dict(checkpoint_path, argument="checkpoint_path",
+                                     expected="an official MRM checkpoint (MRM.pth or a fine-tuned .pth)")
     kind = checkpoint_kind(state_dict)
     if kind == "pretraining":
         config = infer_mrm_config(state_dict, num_attention_heads, text_num_attention_heads,

@@ -43,7 +43,6 @@ import argparse
 import copy
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +52,8 @@ import torch
 
 from .configuration_refers import AGGREGATION_MODES, RefersConfig
 from .file_utils import write_folder_atomically
-from .modeling_refers import REFERS_ONLY_PREFIXES, RefersForImageClassification, RefersModel
+from .loading import REFERS_ONLY_PREFIXES, read_state_dict, resample_position_embeddings, unwrap_state_dict
+from .modeling_refers import RefersForImageClassification, RefersModel
 from transformers.utils import logging
 
 
@@ -103,7 +103,6 @@ NOT_CONVERTED_PREFIXES: dict[str, str] = {
 
 TASKS = ("backbone", "classification")
 BASE_PREFIX = RefersModel.base_model_prefix  # "refers"
-_CHECKPOINT_WRAPPERS = ("model", "state_dict")
 
 
 @dataclass
@@ -147,62 +146,6 @@ class ConversionReport:
             f"missing (kept at initialisation): {self.missing_keys or 'none'}",
         ]
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_official_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint file (`.pth`/`.bin`/`.pt` with `torch.load(weights_only=True)`, or `.safetensors`)
-    and return its (unwrapped) state dict. A pickle holding anything but tensors and plain containers is refused."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint_path {os.fspath(path)!r} is not a file; pass an official REFERS .pth file."
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(os.fspath(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        details = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        if "Unsupported global" not in details:
-            raise ValueError(
-                f"Cannot read {os.fspath(path)!r} with torch.load(weights_only=True); it is not a PyTorch checkpoint "
-                f"or is damaged ({details})."
-            ) from err
-        refused = details.split(" was not an allowed global")[0]
-        raise ValueError(
-            f"Refused to load {os.fspath(path)!r}: it holds Python objects other than tensors and plain containers "
-            f"({refused}), and it is read with torch.load(weights_only=True), which never runs code from the file. "
-            "If you trust its source, re-save only the weights, e.g. "
-            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), and convert that."
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"Cannot read {os.fspath(path)!r} as a PyTorch checkpoint: {err}") from err
-    return unwrap_state_dict(checkpoint, source=os.fspath(path))
-
-
-def unwrap_state_dict(checkpoint, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
-    """`{"model": sd}` / `{"state_dict": sd}` -> `sd` (repeatedly); `module.` (DataParallel) prefixes removed."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{source} holds a {type(checkpoint).__name__}, expected a state dict (a dict of tensors).")
-    for _ in range(4):
-        wrapper = next((name for name in _CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(name), Mapping)), None)
-        if wrapper is None:
-            break
-        checkpoint = checkpoint[wrapper]
-    state_dict = {}
-    for key, value in checkpoint.items():
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        state_dict[key] = value
-    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -374,10 +317,8 @@ def convert_official_state_dict(
     wanted = expected["embeddings.position_embeddings"]
     if (isinstance(position, torch.Tensor) and position.ndim == 3 and position.shape[-1] == wanted[-1]
             and position.shape != wanted):
-        from timm.layers import resample_abs_pos_embed
-
         old_grid, new_grid = math.isqrt(position.shape[1] - 1), math.isqrt(wanted[1] - 1)
-        converted[position_key] = resample_abs_pos_embed(position, new_size=(new_grid, new_grid), num_prefix_tokens=1)
+        converted[position_key] = resample_position_embeddings(position, new_grid)
         report.notes.append(
             f"position embeddings resampled from a {old_grid}x{old_grid} to a {new_grid}x{new_grid} patch grid "
             f"(image_size {config.image_size})"
@@ -489,7 +430,8 @@ def convert_refers_original_checkpoint(
     if task == "backbone" and (num_labels is not None or label_names is not None or problem_type is not None):
         raise ValueError("num_labels, label_names and problem_type only apply to task='classification'.")
     output_dir = Path(output_dir)
-    state_dict = load_official_checkpoint(checkpoint_path)
+    state_dict = read_state_dict(checkpoint_path, argument="checkpoint_path",
+                                 expected="an official REFERS .pth file")
     if config is None:
         config = infer_official_config(state_dict, num_attention_heads=num_attention_heads, **(config_overrides or {}))
     else:
@@ -646,8 +588,6 @@ __all__ = [
     "convert_official_state_dict",
     "convert_refers_original_checkpoint",
     "infer_official_config",
-    "load_official_checkpoint",
-    "unwrap_state_dict",
     "main",
 ]
 

@@ -60,6 +60,7 @@ from .metrics import multilabel_auc, roc_curve_png
 from .file_utils import atomic_open, atomic_write_text
 from .hub.upload import check_hub_arguments
 from .hub.model_card import dataset_display_name, make_model_card, save_model_card
+from .loading import from_pretrained_checked, load_timm_weights
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.labelled_images import NAME as LABELLED_IMAGES
@@ -271,7 +272,7 @@ def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImag
     if init == "refers":
         path = model_args.model_name_or_path
         try:
-            model, report = RefersForImageClassification.from_pretrained_checked(path, **label_kwargs)
+            model, report = from_pretrained_checked(RefersForImageClassification, path, **label_kwargs)
         except OSError as err:
             if os.path.isdir(path):
                 raise
@@ -288,7 +289,7 @@ def build_model(model_args: ModelArguments, label_kwargs: dict) -> RefersForImag
     config.check_architecture()
     model = RefersForImageClassification(config)
     if init == "timm":
-        logger.info(str(model.load_timm_vit_weights(model_args.timm_weights)))
+        logger.info(str(load_timm_weights(model, model_args.timm_weights)))
     return model
 
 

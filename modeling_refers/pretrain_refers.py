@@ -43,6 +43,7 @@ from . import (
 )
 from .file_utils import atomic_write_text
 from .hub.upload import check_hub_arguments
+from .loading import load_timm_weights
 from .modeling_joimternet import JoImTeRNetForPreTraining
 from .modeling_mrm import MRMForPreTraining
 from .modeling_radtex import RadTexForPreTraining
@@ -360,7 +361,7 @@ def build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe: str
         config.text_config.pad_token_id = tokenizer.pad_token_id
         model = model_class(config)
     if model_args.vision_weights:
-        model.load_timm_vit_weights(model_args.vision_weights)
+        load_timm_weights(model, model_args.vision_weights)
     return model
 
 

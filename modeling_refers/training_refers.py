@@ -21,7 +21,7 @@ from .augmentation_refers import RadiographTrainTransform
 from .processing_refers import swap_left_right
 from .file_utils import atomic_open, atomic_write_text, give_default_modes
 from .hub.upload import check_hub_arguments, hub_files, upload_model_folder
-from .modeling_refers import incomplete_weights
+from .loading import incomplete_weights
 from .hub.model_card import save_model_card
 
 logger = logging.getLogger(__name__)

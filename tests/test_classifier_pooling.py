@@ -7,6 +7,7 @@ import timm
 import torch
 
 from modeling_refers import RefersConfig, RefersForImageClassification
+from modeling_refers.loading import load_timm_weights
 from modeling_refers.finetune_refers import ModelArguments, build_model
 from modeling_refers.modeling_refers import drop_path_rates
 
@@ -30,7 +31,7 @@ def _timm_vit(global_pool: str, drop_path_rate: float = 0.0, depth: int = 2) -> 
 def _refers_from_timm(timm_model, **config) -> RefersForImageClassification:
     refers = RefersForImageClassification(RefersConfig(**{**TINY, **config}, num_labels=3, aggregation="none",
                                                        use_view_fusion=False))
-    report = refers.load_timm_vit_weights(timm_model.state_dict())
+    report = load_timm_weights(refers, timm_model.state_dict())
     assert [key for key in report.unexpected_keys if not key.startswith("head.")] == []
     with torch.no_grad():
         refers.classifier.weight.copy_(timm_model.head.weight)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersForPreTraining, RefersModel
+from modeling_refers.loading import from_pretrained_checked, load_timm_weights
 
 VOCAB, BOS, EOS, PAD = 64, 2, 3, 0
 
@@ -72,7 +73,7 @@ def test_pretraining_with_a_cnn_trains_every_part_and_round_trips(studies, tmp_p
     again = RefersForPreTraining.from_pretrained(tmp_path / "cnn").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**studies).report_logits, model(**studies).report_logits)
-    classifier, report = RefersForImageClassification.from_pretrained_checked(tmp_path / "cnn", num_labels=3)
+    classifier, report = from_pretrained_checked(RefersForImageClassification, tmp_path / "cnn", num_labels=3)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     assert classifier.config.backbone == "resnet18"
     logits = classifier(studies["pixel_values"][:, 0]).logits  # single images through the CNN
@@ -87,14 +88,14 @@ def test_timm_cnn_weights_load_with_a_strict_report(tmp_path):
     reference = timm.create_model("resnet18", pretrained=False)  # with its ImageNet classifier (fc)
     save_file(reference.state_dict(), tmp_path / "resnet18.safetensors")
     model = RefersModel(cnn_config())
-    report = model.load_timm_vit_weights(tmp_path / "resnet18.safetensors")
+    report = load_timm_weights(model, tmp_path / "resnet18.safetensors")
     assert report.missing_keys == [] and report.unexpected_keys == ["fc.bias", "fc.weight"]
     for key, value in reference.state_dict().items():
         if not key.startswith("fc."):
             torch.testing.assert_close(model.conv_backbone.model.state_dict()[key], value)
     broken = {k: v for k, v in reference.state_dict().items() if k != "layer1.0.conv1.weight"}
     with pytest.raises(ValueError, match="layer1.0.conv1.weight"):
-        RefersModel(cnn_config()).load_timm_vit_weights(broken)
+        load_timm_weights(RefersModel(cnn_config()), broken)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modeling_refers import JoImTeRNetForPreTraining, RefersForImageClassification
+from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.modeling_joimternet import damsm_scores, matching_losses
 
 VOCAB = 64
@@ -92,7 +93,7 @@ def test_model_trains_every_part_ignores_masked_views_and_round_trips(studies, t
     again = JoImTeRNetForPreTraining.from_pretrained(tmp_path / "joim").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**studies).loss, model(**studies).loss)
-    _, report = RefersForImageClassification.from_pretrained_checked(tmp_path / "joim", num_labels=2)
+    _, report = from_pretrained_checked(RefersForImageClassification, tmp_path / "joim", num_labels=2)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     assert "region_projection" in report.dropped_by_module()
 

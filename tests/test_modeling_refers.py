@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersModel, RefersViewFusion
+from modeling_refers.loading import load_timm_weights
 
 AGGREGATIONS = ("recurrent_concat", "cls_add", "none")
 FUSIONS = ("softmax", "sigmoid_gate")
@@ -360,7 +361,7 @@ def test_timm_weights_give_timm_features(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save(vit.state_dict(), path)
     model = RefersModel(tiny_config(aggregation="none")).eval()
-    report = model.load_timm_vit_weights(path)
+    report = load_timm_weights(model, path)
     assert report.unexpected_keys == ["head.bias", "head.weight"]
     assert all(key.startswith("view_fusion.") for key in report.missing_keys)
     x = images(3, size=32)
@@ -374,7 +375,7 @@ def test_timm_weights_give_timm_features(tmp_path):
 def test_timm_weights_into_classifier_and_recurrent_concat_report():
     vit = tiny_timm_vit()
     model = RefersForImageClassification(tiny_config(num_labels=2, aggregation="recurrent_concat"))
-    report = model.load_timm_vit_weights(vit.state_dict())
+    report = load_timm_weights(model, vit.state_dict())
     assert {"recurrent_concat.weight", "recurrent_concat.bias"} <= set(report.missing_keys)
     torch.testing.assert_close(model.refers.embeddings.position_embeddings, vit.pos_embed)
 
@@ -385,13 +386,13 @@ def test_timm_weights_that_do_not_fit_are_refused(tmp_path):
     del state["blocks.1.mlp.fc2.weight"]
     model = RefersModel(tiny_config(aggregation="none"))
     with pytest.raises(ValueError, match=r"Missing: \['layers.1.mlp.fc2.weight'\]"):
-        model.load_timm_vit_weights(state)
-    model.load_timm_vit_weights(state, strict=False)  # loads what matches
+        load_timm_weights(model, state)
+    load_timm_weights(model, state, strict=False)  # loads what matches
     wide = RefersModel(tiny_config(hidden_size=64, num_attention_heads=4))
     with pytest.raises(ValueError, match="expects"):
-        wide.load_timm_vit_weights(vit.state_dict())
+        load_timm_weights(wide, vit.state_dict())
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
-        model.load_timm_vit_weights(tmp_path / "missing.pth")
+        load_timm_weights(model, tmp_path / "missing.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

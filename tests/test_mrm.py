@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modeling_refers import MRMForPreTraining, RefersForImageClassification
+from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.modeling_mrm import masked_patch_loss, patchify, random_patch_masking
 
 VOCAB = 64
@@ -104,7 +105,7 @@ def test_gradient_reaches_both_branches_and_the_classifier_loads(studies, tmp_pa
                  "text_encoder.encoder.layer.0.attention.self.query.weight"):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
     model.save_pretrained(tmp_path / "mrm")
-    _, report = RefersForImageClassification.from_pretrained_checked(tmp_path / "mrm", num_labels=2)
+    _, report = from_pretrained_checked(RefersForImageClassification, tmp_path / "mrm", num_labels=2)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     assert MRMForPreTraining.from_pretrained(tmp_path / "mrm").config.mrm_mask_ratio == 0.75
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForPreTraining, BertTokenizerFast
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersForPreTraining, RefersModel
+from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.modeling_refers import study_report_contrastive_loss
 
 VOCAB = 64
@@ -292,7 +293,7 @@ def test_pretraining_checkpoint_loads_into_backbone_and_classifier(tmp_path):
     pretrained = RefersForPreTraining(tiny_pretraining_config())
     pretrained.save_pretrained(tmp_path)
 
-    classifier, report = RefersForImageClassification.from_pretrained_checked(tmp_path, num_labels=4)
+    classifier, report = from_pretrained_checked(RefersForImageClassification, tmp_path, num_labels=4)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     dropped = report.dropped_by_module()
     assert set(dropped) == {"report_decoder", "text_encoder", "text_projection"}
@@ -300,7 +301,7 @@ def test_pretraining_checkpoint_loads_into_backbone_and_classifier(tmp_path):
     for key, value in pretrained.refers.state_dict().items():
         assert torch.equal(classifier.refers.state_dict()[key], value), key
 
-    backbone, report = RefersModel.from_pretrained_checked(tmp_path)
+    backbone, report = from_pretrained_checked(RefersModel, tmp_path)
     assert report.new_keys == []
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in pretrained.refers.state_dict().items())
 
@@ -309,7 +310,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     other = RefersModel(tiny_pretraining_config(hidden_size=48, num_attention_heads=4, view_fusion_hidden_size=16))
     other.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not fit RefersForImageClassification"):
-        RefersForImageClassification.from_pretrained_checked(tmp_path, config=tiny_pretraining_config(num_labels=2))
+        from_pretrained_checked(RefersForImageClassification, tmp_path, config=tiny_pretraining_config(num_labels=2))
 
 
 def test_text_encoder_from_a_local_folder(tmp_path):

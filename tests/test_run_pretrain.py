@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersProcessor
+from modeling_refers.loading import from_pretrained_checked
 
 TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
         "view_fusion_hidden_size=16,decoder_hidden_size=32,decoder_num_attention_heads=4,decoder_intermediate_size=64")
@@ -54,7 +55,7 @@ def test_two_steps_with_the_real_bert_write_a_loadable_checkpoint(tmp_path, shar
 
     assert type(AutoProcessor.from_pretrained(out)) is RefersProcessor  # registered by `import modeling_refers`
     assert AutoImageProcessor.from_pretrained(out).crop_size["height"] == 32
-    clf, report = RefersForImageClassification.from_pretrained_checked(out, num_labels=2)
+    clf, report = from_pretrained_checked(RefersForImageClassification, out, num_labels=2)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     assert "text_encoder" in report.dropped_by_module()
     assert (out / "README.md").read_text().startswith("---")
@@ -248,7 +249,7 @@ def test_radtex_method_trains_report_generation_on_a_cnn(tmp_path, shared_data_d
     assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_radtex.RadTexForPreTraining"
     assert "method `radtex`" in (out / "README.md").read_text()
     assert "resnet18 CNN initialised at random" in (out / "README.md").read_text()
-    classifier, report = RefersForImageClassification.from_pretrained_checked(out, num_labels=2)
+    classifier, report = from_pretrained_checked(RefersForImageClassification, out, num_labels=2)
     assert report.new_keys == ["classifier.bias", "classifier.weight"]
     script = textwrap.dedent(f"""
         import sys, transformers

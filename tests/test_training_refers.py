@@ -15,6 +15,7 @@ from modeling_refers import (
     RefersProcessor,
     train_report_tokenizer,
 )
+from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.augmentation_refers import RadiographTrainTransform
 from modeling_refers.processing_refers import swap_left_right
 from modeling_refers.training_refers import (
@@ -321,7 +322,7 @@ def test_sharded_checkpoints_count_only_with_every_shard_whole(tmp_path):
 
 
 def test_safetensors_check_reads_the_header_against_the_file_size(tmp_path):
-    from modeling_refers.modeling_refers import safetensors_problem
+    from modeling_refers.loading import safetensors_problem
 
     folder = write_checkpoint(tmp_path / "checkpoint-1", 1)
     path = folder / "model.safetensors"
@@ -343,11 +344,11 @@ def test_loading_a_half_written_folder_names_the_truncated_file(tmp_path):
 
     folder = tmp_path / "pretrained"
     tiny_model().save_pretrained(folder)
-    RefersForImageClassification.from_pretrained_checked(folder, num_labels=2)  # whole: loads
+    from_pretrained_checked(RefersForImageClassification, folder, num_labels=2)  # whole: loads
     cut_in_half(folder / "model.safetensors")
     with pytest.raises(OSError, match=rf"Cannot load RefersForImageClassification from '{folder}': "
                                       rf"{folder / 'model.safetensors'} is truncated"):
-        RefersForImageClassification.from_pretrained_checked(folder, num_labels=2)
+        from_pretrained_checked(RefersForImageClassification, folder, num_labels=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

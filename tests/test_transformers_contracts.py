@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersForPreTraining, RefersModel
+from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.file_utils import atomic_write_text
 
 VOCAB, BOS, EOS, PAD = 64, 2, 3, 0
@@ -309,7 +310,7 @@ def test_checked_loading_shows_one_summary_not_the_key_table(tmp_path, caplog):
         assert any("UNEXPECTED" in r for r in records)  # transformers' own per-key table, hidden by the checked load
         records.clear()
         with caplog.at_level("WARNING", logger="modeling_refers"):
-            _, report = RefersForImageClassification.from_pretrained_checked(tmp_path, num_labels=2)
+            _, report = from_pretrained_checked(RefersForImageClassification, tmp_path, num_labels=2)
     finally:
         report_logger.removeHandler(collector)
         hf_logging.set_verbosity(verbosity)

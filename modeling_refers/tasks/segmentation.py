@@ -50,6 +50,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..configuration_refers import RefersConfig
 from ..file_utils import atomic_write_text
+from ..loading import from_pretrained_checked
 from ..modeling_refers import RefersBackbone
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def build_segmentation_model(model_name_or_path: str | None = None, config_overr
         if config_overrides:
             base.update_from_string(config_overrides)
         config = segmentation_backbone_config(base, out_indices, rescales, drop_path_rate)
-        backbone, report = RefersBackbone.from_pretrained_checked(model_name_or_path, config=config)
+        backbone, report = from_pretrained_checked(RefersBackbone, model_name_or_path, config=config)
         logger.info(f"backbone from {model_name_or_path}: {report}")
     else:
         base = RefersConfig(aggregation="none", use_view_fusion=False)
