@@ -411,7 +411,9 @@ class RefersPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update({auto: name if "." in name else f"modeling_refers.{name}"
-                         for auto, name in self._loadable_by.items()})
+                         for auto, name in self._loadable_by.items()
+                         # RefersBackbone is the radiograph transformer: a timm CNN folder has none (TimmBackbone)
+                         if auto != "AutoBackbone" or getattr(self.config, "backbone", "vit") == "vit"})
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -427,7 +429,8 @@ class RefersModel(RefersPreTrainedModel):
     Takes one image batch `(batch, C, H, W)` or a study batch `(batch, V, C, H, W)` with `view_mask` `(batch, V)`.
     """
 
-    _loadable_by = {"AutoModel": "RefersModel", "AutoModelForImageClassification": "RefersForImageClassification"}
+    _loadable_by = {"AutoBackbone": "RefersBackbone", "AutoModel": "RefersModel",
+                    "AutoModelForImageClassification": "RefersForImageClassification"}
 
     def __init__(self, config: RefersConfig):
         super().__init__(config)
@@ -583,7 +586,8 @@ class RefersForImageClassification(RefersPreTrainedModel):
     # `refers.fc_norm.` is new when a `classifier_pooling="cls"` checkpoint is fine-tuned with "mean" (its final
     # LayerNorm is then dropped), as in MRM's fine-tuning
     _head_prefixes = ("classifier.", "refers.fc_norm.")
-    _loadable_by = {"AutoModel": "RefersModel", "AutoModelForImageClassification": "RefersForImageClassification"}
+    _loadable_by = {"AutoBackbone": "RefersBackbone", "AutoModel": "RefersModel",
+                    "AutoModelForImageClassification": "RefersForImageClassification"}
 
     def __init__(self, config: RefersConfig):
         super().__init__(config)
@@ -882,6 +886,7 @@ class RefersForPreTraining(RefersPreTrainedModel):
     """
 
     _loadable_by = {
+        "AutoBackbone": "RefersBackbone",
         "AutoModel": "RefersModel",
         "AutoModelForImageClassification": "RefersForImageClassification",
         "AutoModelForPreTraining": "RefersForPreTraining",

@@ -245,27 +245,53 @@ def test_single_image_classifier_trains_under_ddp_without_unused_parameters(batc
 
 
 def test_every_folder_maps_every_auto_class_that_loads_it(tmp_path):
+    # every folder of the radiograph transformer also builds a RefersBackbone (AutoBackbone); a timm CNN one does not
+    # (RefersBackbone refuses it: transformers' TimmBackbone is the CNN's)
+    with_backbone = {"AutoConfig", "AutoBackbone", "AutoModel", "AutoModelForImageClassification"}
     folders = {
-        "base": (RefersModel(tiny()), {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}),
-        "clf": (RefersForImageClassification(tiny(num_labels=2)),
+        "base": (RefersModel(tiny()), with_backbone),
+        "clf": (RefersForImageClassification(tiny(num_labels=2)), with_backbone),
+        "pretrain": (RefersForPreTraining(tiny()), with_backbone | {"AutoModelForPreTraining"}),
+        "cnn": (RefersModel(tiny(backbone="resnet18", hidden_size=512, image_size=64, aggregation="none")),
                 {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}),
-        "pretrain": (RefersForPreTraining(tiny()),
-                     {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForPreTraining"}),
     }
     for name, (model, expected) in folders.items():
         model.save_pretrained(tmp_path / name)
         auto_map = json.loads((tmp_path / name / "config.json").read_text())["auto_map"]
         assert set(auto_map) == expected, name
+    weight = "layers.1.attention.q_proj.weight"
+    expected_weight = {name: getattr(folders[name][0], "refers", folders[name][0]).state_dict()[weight]
+                       for name in ("base", "clf", "pretrain")}  # RefersModel is the transformer itself
+    torch.save(expected_weight, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import json, sys, transformers
+        import json, sys, torch, transformers
+        from huggingface_hub.errors import HFValidationError
         root = {str(tmp_path)!r}
-        for name in ("base", "clf", "pretrain"):
-            auto_map = json.load(open(f"{{root}}/{{name}}/config.json"))["auto_map"]
+        expected = torch.load(f"{{root}}/expected.pt")
+        for name in ("base", "clf", "pretrain", "cnn"):
+            folder = f"{{root}}/{{name}}"
+            auto_map = json.load(open(f"{{folder}}/config.json"))["auto_map"]
             for auto_name, target in auto_map.items():
                 if auto_name == "AutoConfig":
                     continue
-                model = getattr(transformers, auto_name).from_pretrained(f"{{root}}/{{name}}", trust_remote_code=True)
+                if auto_name == "AutoBackbone":
+                    # transformers 5.25's AutoBackbone.from_pretrained asks the Hub whether the name is a repository
+                    # (offline too): a local folder is refused; from_config picks the class, the class loads the folder
+                    try:
+                        transformers.AutoBackbone.from_pretrained(folder, trust_remote_code=True)
+                        raise AssertionError("AutoBackbone.from_pretrained now reads local folders: update the README")
+                    except HFValidationError:
+                        pass
+                    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True, out_indices=[1, 2])
+                    backbone_class = type(transformers.AutoBackbone.from_config(config, trust_remote_code=True))
+                    model, info = backbone_class.from_pretrained(folder, config=config, output_loading_info=True)
+                    assert not info["missing_keys"], info["missing_keys"]
+                    assert torch.equal(model.state_dict()[{weight!r}], expected[name])
+                    maps = model(torch.randn(1, 3, 32, 32)).feature_maps
+                    assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4)] * 2, [m.shape for m in maps]
+                else:
+                    model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True)
                 assert type(model).__name__ == target.split(".")[-1], (name, auto_name, type(model))
                 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert "modeling_refers" not in sys.modules
