@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datasets_scripts import SAMPLE_DATA_DIR, load_covid19_collection, load_nih_chestxray14  # noqa: E402
-from modeling_refers.augmentation_refers import RadiographTrainTransform  # noqa: E402
+from modeling_refers.training.augmentation import RadiographTrainTransform  # noqa: E402
 from modeling_refers.file_utils import atomic_write_json  # noqa: E402
 from datasets_scripts.prepared_images import prepare_images  # noqa: E402
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor  # noqa: E402

@@ -194,7 +194,7 @@ def check_same(path: Path, current, what: str, delete: str) -> None:
 # ------------------------------------------------------------------------------------------------ stages
 def pretrain(method: str, out: Path, args, extra) -> tuple[Path, float]:
     """Pretrain `method` (skipped when its folder holds a finished model made with the same arguments)."""
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
     folder = out / "pretrain" / method
     argv = pretrain_argv(method, folder, args, extra)
@@ -209,7 +209,7 @@ def pretrain(method: str, out: Path, args, extra) -> tuple[Path, float]:
         return folder, record["wall_s"]
     logger.info(f"pretrain {method}: run_pretrain {shlex.join(argv)}")
     start = time.perf_counter()
-    pretrain_refers.main(argv)
+    pretraining.main(argv)
     wall = time.perf_counter() - start
     write_json(done, {"argv": argv, "wall_s": wall})
     return folder, wall
@@ -354,7 +354,7 @@ def linear_probe(family: str, inits: list[tuple[str, Path | None]], out: Path, a
     """Probe results per (init, ratio, seed): a frozen feature cache per pretrained init (per seed for random)."""
     from datasets_scripts import sample_label_ratio
     from modeling_refers import RefersImageProcessor
-    from modeling_refers.training_refers import processor_sizes
+    from modeling_refers.training.trainer import processor_sizes
 
     label_names = data["train"].features["labels"].names
     label_kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
@@ -624,15 +624,15 @@ def target_data_built_once():
     """Within the block, build each target DatasetDict once: every fine-tuning cell would otherwise re-read and
     re-verify all 5,840 Kermany images (in-memory datasets are immutable, so the cells can share them). The
     package's loader is restored on exit, so nothing outlives this benchmark (e.g. in a test process)."""
-    from modeling_refers import finetune_refers
+    from modeling_refers.training import finetuning
 
-    loader = finetune_refers.load_target_dataset
-    finetune_refers.load_target_dataset = functools.lru_cache(maxsize=4)(
+    loader = finetuning.load_target_dataset
+    finetuning.load_target_dataset = functools.lru_cache(maxsize=4)(
         lambda name, data_dir, split_dir=None, **kw: loader(name, data_dir, split_dir=split_dir, **kw))
     try:
         yield
     finally:
-        finetune_refers.load_target_dataset = loader
+        finetuning.load_target_dataset = loader
 
 
 def main(argv=None) -> dict:

@@ -37,9 +37,9 @@ import torch
 
 from datasets_scripts import SAMPLE_DATA_DIR, load_kermany_pneumonia, sample_label_ratio
 from modeling_refers import RefersConfig, RefersForPreTraining, RefersProcessor
-from modeling_refers import pretrain_refers as run_pretrain
+from modeling_refers.training import pretraining as run_pretrain
 from modeling_refers.tasks.common import load_pretraining_folder, new_figure, save_figure
-from modeling_refers.training_refers import default_text_encoder_path
+from modeling_refers.training.trainer import default_text_encoder_path
 from modeling_refers.tasks.zero_shot import load_prompts, zero_shot_classify
 
 TINY_VIT = ("image_size=32,patch_size=8,hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=256,"

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Fine-tune a REFERS checkpoint (or timm / random weights) on a labelled chest X-ray data set.
 
-The command line of `modeling_refers.finetune_refers`: its docstring and `--help` give the usage, defaults and
+The command line of `modeling_refers.training.finetuning`: its docstring and `--help` give the usage, defaults and
 recipes.
 """
 
-from modeling_refers.finetune_refers import main
+from modeling_refers.training.finetuning import main
 
 if __name__ == "__main__":
     main()

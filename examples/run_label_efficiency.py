@@ -38,7 +38,7 @@ from scipy import stats
 
 
 from modeling_refers import RefersConfig
-from modeling_refers import finetune_refers as run_finetune
+from modeling_refers.training import finetuning as run_finetune
 from modeling_refers.file_utils import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from .modeling_refers import (
 )
 from .processing_refers import RefersProcessor, select_views, swap_left_right
 from .radiograph_io import load_dicom, load_radiograph, window_to_uint8
-from .report_tokenizer import train_report_tokenizer
+from .training.report_tokenizer import train_report_tokenizer
 from .tasks.zero_shot import RefersForZeroShotImageClassification  # registers the zero-shot Auto class
 from .modeling_joimternet import (
     JoImTeRNetBackbone,

@@ -19,7 +19,7 @@ PIL/NumPy backend only (no torchvision at inference). The deterministic pipeline
     shortest edge) -> centre crop -> [flip, when forced] -> 1 or 3 channels -> rescale -> normalize
 
 In training (`do_train_augment=True`) a `train_transform` given by the caller replaces the centre crop and the flip
-for each study (`augmentation_refers.RadiographTrainTransform`: torchvision.transforms.v2 rotation, random crop,
+for each study (`training.augmentation.RadiographTrainTransform`: torchvision.transforms.v2 rotation, random crop,
 flip, brightness / contrast), and says whether it mirrored the study. Randomness only comes from the `generator`
 argument of a call (a `numpy.random.Generator`, a `random.Random` or an int seed); nothing reads or changes a
 global random state.
@@ -106,7 +106,7 @@ class RefersImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     do_train_augment (`bool`, *optional*, defaults to `False`):
         Training mode: each study's resized views go through the call's `train_transform` (random crop, flip,
-        rotation, brightness / contrast: `augmentation_refers.RadiographTrainTransform`) instead of the centre
+        rotation, brightness / contrast: `training.augmentation.RadiographTrainTransform`) instead of the centre
         crop. When `False` the output is deterministic (centre crop, no flip unless forced).
     do_jpeg_draft (`bool`, *optional*, defaults to `True`):
         With `do_resize`, decode JPEG files (and PIL JPEG images not yet loaded) with PIL's `draft()`: at the
@@ -152,7 +152,7 @@ class RefersImageProcessor(PilBackend):
     float inputs are windowed to 8 bits first (`radiograph_io.window_to_uint8`). Defaults follow the paper: resize
     to 256 x 256, crop 224 (centre offsets rounded as torchvision's `center_crop`), normalise with mean = std = 0.5;
     the paper's train-time augmentation (random crop, flip, rotation, brightness / contrast) is a `train_transform`
-    the training collators pass (`augmentation_refers.RadiographTrainTransform`). `size={"shortest_edge": 256}`
+    the training collators pass (`training.augmentation.RadiographTrainTransform`). `size={"shortest_edge": 256}`
     keeps the aspect ratio instead (what the official fine-tuning code's `transforms.Resize(224)` does, at 224).
 
     JPEG files are decoded with PIL's `draft()` at the smallest of the scales 1/2, 1/4, 1/8 that still leaves the
@@ -356,7 +356,7 @@ class RefersImageProcessor(PilBackend):
                 `(views, crop_size, generator, flip) -> (views, flipped)` taking one study's resized uint8
                 `(C, H, W)` views, the `(height, width)` crop (None without `do_center_crop`), a numpy Generator and
                 the forced flip (None: its own draw); returning float `(C, h, w)` views in 0..255 and whether it
-                mirrored them (`augmentation_refers.RadiographTrainTransform`).
+                mirrored them (`training.augmentation.RadiographTrainTransform`).
             **kwargs: overrides of any attribute (`do_train_augment`, `size`, `crop_size`, ...) and
                 `return_tensors`.
 
@@ -439,7 +439,7 @@ class RefersImageProcessor(PilBackend):
         if do_train_augment and not callable(train_transform):
             raise ValueError(
                 "do_train_augment=True needs train_transform, a callable (views, crop_size, generator, flip) -> "
-                "(views, flipped), e.g. modeling_refers.augmentation_refers.RadiographTrainTransform(); got "
+                "(views, flipped), e.g. modeling_refers.training.augmentation.RadiographTrainTransform(); got "
                 f"{train_transform!r}"
             )
         train_transform = train_transform if do_train_augment else None

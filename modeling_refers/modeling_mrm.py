@@ -12,7 +12,7 @@
 
 `MRMConfig.from_official()` runs MRM as its official code does instead (decoder 768 x 4 blocks, fixed sin-cos
 positions, the 448-px target resized bicubic without antialias, the latent after BERT's embeddings' LayerNorm, xavier
-initialisation; the data side in `mrm_official.py`); each difference is one `MRMConfig` field.
+initialisation; the data side in `training/mrm_official.py`); each difference is one `MRMConfig` field.
 
 Built on REFERS's radiograph transformer and BERT report encoder (subclass of `RefersForPreTraining`); configured by
 [`MRMConfig`] (`model_type="mrm"`).

@@ -15,7 +15,8 @@
 
 `RefersProcessor` picks exactly `num_views` views per study, runs `RefersImageProcessor`, swaps left/right in the
 report of every study whose images were mirrored, and tokenises the reports (with a tokenizer such as
-`report_tokenizer.train_report_tokenizer` trains, which lives outside this file: it ships in checkpoint folders).
+`training.report_tokenizer.train_report_tokenizer` trains, which lives outside this file: it ships in checkpoint
+folders).
 """
 
 import re
@@ -202,7 +203,7 @@ class RefersProcessor(ProcessorMixin):
             max_length: override of `self.max_length` for this call.
             return_flipped: also return `flipped` `(B,)`.
             train_transform: the training augmentation of each study (see `RefersImageProcessor.preprocess`;
-                `augmentation_refers.RadiographTrainTransform`), needed with `do_train_augment`. The report of each
+                `training.augmentation.RadiographTrainTransform`), needed with `do_train_augment`. The report of each
                 study it mirrors has left / right swapped, once, here.
             **images_kwargs: overrides passed to the image processor (`size`, `crop_size`, ...).
         """

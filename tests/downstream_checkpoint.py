@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets_scripts import load_covid19_studies
 from modeling_refers import RefersConfig, RefersForPreTraining, RefersImageProcessor, RefersProcessor
 from modeling_refers import train_report_tokenizer
-from modeling_refers.training_refers import processor_sizes
+from modeling_refers.training.trainer import processor_sizes
 
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, view_fusion_hidden_size=16, hidden_dropout_prob=0.0,

@@ -8,7 +8,7 @@ import torch
 
 from modeling_refers import RefersConfig, RefersForImageClassification
 from modeling_refers.loading import load_timm_weights
-from modeling_refers.finetune_refers import ModelArguments, build_model
+from modeling_refers.training.finetuning import ModelArguments, build_model
 from modeling_refers.modeling_refers import drop_path_rates
 
 TINY = dict(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

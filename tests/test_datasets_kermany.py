@@ -232,11 +232,11 @@ def test_bad_arguments(small_copy):
 
 # ------------------------------------------------------------------------------------------------ scripts
 def test_run_finetune_end_to_end_on_a_small_subset(kermany_dir, tmp_path):
-    from modeling_refers import finetune_refers
+    from modeling_refers.training import finetuning
 
     out = tmp_path / "ft"
     # 0.5% of the training labels (23 images, both classes); no evaluation during training; full validation + test.
-    results = finetune_refers.main([
+    results = finetuning.main([
         "--output_dir", str(out), "--dataset_name", "kermany_bacterial_viral", "--data_dir", str(kermany_dir),
         "--config_overrides", TINY, "--label_ratio", "0.005", "--max_train_samples", "16", "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "128", "--eval_strategy", "no",

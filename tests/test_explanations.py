@@ -28,7 +28,7 @@ from modeling_refers.tasks.explanations import (
     summarise_ious,
     vit_reshape_transform,
 )
-from modeling_refers.training_refers import processor_sizes
+from modeling_refers.training.trainer import processor_sizes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # The rows of NIH's official BBox_List_2017.csv for the images of the 64-px sample (copied unchanged; the test

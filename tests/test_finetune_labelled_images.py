@@ -12,7 +12,7 @@ from test_run_finetune import FAST, TINY
 
 from datasets_scripts import load_labelled_images
 from modeling_refers import RefersForImageClassification
-from modeling_refers import finetune_refers as run_finetune
+from modeling_refers.training import finetuning as run_finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_label_efficiency  # noqa: E402

@@ -8,10 +8,10 @@ from huggingface_hub import HfApi
 from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_refers import RefersConfig, RefersForImageClassification, RefersImageProcessor
-from modeling_refers.finetune_refers import FinetuningArguments
+from modeling_refers.training.finetuning import FinetuningArguments
 from modeling_refers.hub.upload import check_hub_arguments, hub_files, upload_model_folder
-from modeling_refers.pretrain_refers import PretrainingArguments
-from modeling_refers.training_refers import RefersTrainer
+from modeling_refers.training.pretraining import PretrainingArguments
+from modeling_refers.training.trainer import RefersTrainer
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, view_fusion_hidden_size=16)

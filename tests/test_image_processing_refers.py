@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance
 
 from transformers.image_utils import SizeDict
 
-from modeling_refers.augmentation_refers import RadiographTrainTransform
+from modeling_refers.training.augmentation import RadiographTrainTransform
 from modeling_refers.image_processing_refers import RefersImageProcessor, make_generator
 from modeling_refers.radiograph_io import load_radiograph, window_to_uint8
 

@@ -36,11 +36,11 @@ def paired(request):
 
 
 def pretrain(tmp_path, data_dir, data, monkeypatch, name):
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
-    monkeypatch.setattr(pretrain_refers, "load_source_dataset", lambda *args, **kwargs: data)
+    monkeypatch.setattr(pretraining, "load_source_dataset", lambda *args, **kwargs: data)
     output_dir = tmp_path / name
-    pretrain_refers.main([
+    pretraining.main([
         "--dataset_name", "kermany_paired_reports", "--data_dir", str(data_dir), "--output_dir", str(output_dir),
         "--do_train", "--max_steps", str(STEPS), "--per_device_train_batch_size", "16", "--recipe", "adamw",
         "--learning_rate", "1e-3", "--text_learning_rate", "1e-3", "--weight_decay", "0.05", "--warmup_steps", "10",

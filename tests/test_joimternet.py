@@ -108,10 +108,10 @@ def test_bad_joimternet_configs_are_refused(overrides, match):
 
 
 def test_run_pretrain_method_joimternet(tmp_path, shared_data_dir):
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
     out = tmp_path / "run"
-    trainer = pretrain_refers.main([
+    trainer = pretraining.main([
         "--method", "joimternet", "--output_dir", str(out), "--data_dir", str(shared_data_dir / "covid19_collection"),
         "--config_overrides", "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,"
         "intermediate_size=64,view_fusion_hidden_size=16,projection_dim=16", "--text_encoder_name_or_path", "none",

@@ -14,7 +14,7 @@ from modeling_refers import RefersConfig, RefersForPreTraining
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from modeling_refers import finetune_refers as run_finetune  # noqa: E402
+from modeling_refers.training import finetuning as run_finetune  # noqa: E402
 import run_label_efficiency  # noqa: E402
 
 FAST = ["--max_steps", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",

@@ -16,11 +16,11 @@ def test_learning_benchmark_smoke_and_resume(need_shared_data, tmp_path, caplog)
                             why="the benchmark pretrains on Kermany paired with Open-i reports")
     argv = ["--smoke", "--methods", "refers", "--ratios", "0.01", "--seeds", "0", "--output_dir",
             str(tmp_path / "out"), "--data_dir", str(data / "kermany_pneumonia"), "--report", str(tmp_path / "lb")]
-    from modeling_refers import finetune_refers
+    from modeling_refers.training import finetuning
 
-    loader = finetune_refers.load_target_dataset
+    loader = finetuning.load_target_dataset
     report = learning_benchmark.main(argv)
-    assert finetune_refers.load_target_dataset is loader  # its build-once cache ends with the benchmark
+    assert finetuning.load_target_dataset is loader  # its build-once cache ends with the benchmark
 
     for key in ("finetune", "probe"):
         assert {(r["init"], r["label_ratio"]) for r in report[key]} == {("refers", 0.01), ("random", 0.01)}

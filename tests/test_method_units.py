@@ -25,8 +25,8 @@ from modeling_refers import (
     RefersForImageClassification,
     RefersForPreTraining,
     RefersModel,
-    pretrain_refers,
 )
+from modeling_refers.training import pretraining
 
 TEXT = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, vocab_size=64)
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -224,13 +224,13 @@ def test_an_old_style_folder_is_refused_by_the_auto_class_and_loads_with_its_met
 
 
 def test_the_registry_holds_every_method_and_run_pretrain_has_no_method_branches():
-    registry = pretrain_refers.PRETRAINING_METHODS
+    registry = pretraining.PRETRAINING_METHODS
     assert set(registry) == {"refers", "mrm", "joimternet", "radtex"}
     for name, method in registry.items():
         assert method.model_class.config_class is method.config_class, name
         assert method.config_class().model_type == name
-        assert method.recipes and all(recipe in pretrain_refers.RECIPES for recipe in method.recipes)
-    source = inspect.getsource(pretrain_refers)
+        assert method.recipes and all(recipe in pretraining.RECIPES for recipe in method.recipes)
+    source = inspect.getsource(pretraining)
     for literal in ('method == "', "method == '", 'method != "', 'recipe == "mrm"'):
         assert literal not in source, literal
 
@@ -238,7 +238,7 @@ def test_the_registry_holds_every_method_and_run_pretrain_has_no_method_branches
 @pytest.mark.parametrize("name", ["refers", "mrm", "joimternet", "radtex"])
 def test_the_logged_loss_parts_are_the_method_output_and_sum_to_its_loss(name):
     """The registry's loss parts are fields of the model's output, none missing, and `loss` is their sum."""
-    method = pretrain_refers.PRETRAINING_METHODS[name]
+    method = pretraining.PRETRAINING_METHODS[name]
     config = RefersConfig(**VIT) if name == "refers" else METHODS[name][2]()
     torch.manual_seed(0)
     model = method.model_class(config).train()
@@ -266,7 +266,7 @@ def test_a_recipe_of_another_method_is_refused_naming_both():
     data_args = SimpleNamespace(resize="square", prepared_data_dir="prepared", data_dir=None, dataset_name="mimic_cxr")
     with pytest.raises(ValueError, match="--recipe mrm goes with --method mrm, and --method refers with --recipe "
                                          "paper or official or adamw"):
-        pretrain_refers.check_inputs(model_args, data_args, SimpleNamespace(recipe="mrm"))
+        pretraining.check_inputs(model_args, data_args, SimpleNamespace(recipe="mrm"))
     training_args = SimpleNamespace(recipe=None)
-    pretrain_refers.check_inputs(SimpleNamespace(**{**vars(model_args), "method": "mrm"}), data_args, training_args)
+    pretraining.check_inputs(SimpleNamespace(**{**vars(model_args), "method": "mrm"}), data_args, training_args)
     assert training_args.recipe == "mrm"  # the method's first recipe is its default

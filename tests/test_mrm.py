@@ -140,7 +140,7 @@ def test_recurrent_concat_is_refused():
 def test_report_masking_masks_whole_words_of_real_reports(shared_data_dir):
     from datasets_scripts import load_covid19_studies
     from modeling_refers import RefersImageProcessor, RefersProcessor, train_report_tokenizer
-    from modeling_refers.training_refers import MaskedReportCollator, processor_sizes
+    from modeling_refers.training.trainer import MaskedReportCollator, processor_sizes
 
     rows = list(load_covid19_studies(shared_data_dir / "covid19_collection")["train"])[:24]
     tokenizer = train_report_tokenizer([r["report"] for r in rows], vocab_size=200)
@@ -164,9 +164,9 @@ def test_report_masking_masks_whole_words_of_real_reports(shared_data_dir):
 
 
 def test_run_pretrain_method_mrm(tmp_path, shared_data_dir):
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
-    trainer = pretrain_refers.main([
+    trainer = pretraining.main([
         "--method", "mrm", "--output_dir", str(tmp_path / "run"), "--data_dir",
         str(shared_data_dir / "covid19_collection"), "--config_overrides",
         "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
@@ -187,7 +187,7 @@ def test_run_pretrain_method_mrm(tmp_path, shared_data_dir):
         assert entry["loss_image"] + entry["loss_report"] == pytest.approx(entry["loss"], abs=2e-4)
         assert not {"loss_contrast", "loss_global", "loss_local"} & set(entry)
     with pytest.raises(ValueError, match=r"--method mrm with --recipe mrm\b.*; got --method mrm --recipe paper"):
-        pretrain_refers.main(["--output_dir", str(tmp_path / "x"), "--method", "mrm", "--recipe", "paper"])
+        pretraining.main(["--output_dir", str(tmp_path / "x"), "--method", "mrm", "--recipe", "paper"])
 
 
 def test_gradient_reaches_exactly_the_parameters_each_method_trains(studies, radiographs):
@@ -289,8 +289,8 @@ def test_saved_processor_normalises_as_the_model_was_trained(tmp_path):
 
     from conftest import _radiograph_dir
     from modeling_refers import MRMConfig, RefersProcessor
-    from modeling_refers.mrm_official import official_image_transform
-    from modeling_refers.pretrain_refers import build_processor
+    from modeling_refers.training.mrm_official import official_image_transform
+    from modeling_refers.training.pretraining import build_processor
 
     official = MRMConfig.from_official(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                        num_attention_heads=4, intermediate_size=64)

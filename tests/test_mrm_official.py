@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_refers.mrm_official import (
+from modeling_refers.training.mrm_official import (
     MRM_OFFICIAL_PIXEL_MEAN,
     MRM_OFFICIAL_PIXEL_STD,
     OfficialMaskedReportCollator,
@@ -459,7 +459,7 @@ def test_xavier_initialisation_of_every_linear():
 def test_recipe_mrm_official_warms_up_a_fifth_and_does_not_clip():
     from types import SimpleNamespace
 
-    from modeling_refers.pretrain_refers import RECIPES
+    from modeling_refers.training.pretraining import RECIPES
 
     args = SimpleNamespace(per_device_train_batch_size=32, gradient_accumulation_steps=2, world_size=4,
                            learning_rate=3e-3, weight_decay=1e-4, warmup_steps=0.0333, max_grad_norm=10.0)
@@ -470,7 +470,8 @@ def test_recipe_mrm_official_warms_up_a_fifth_and_does_not_clip():
 
 
 def test_run_pretrain_recipe_mrm_official(tmp_path, shared_data_dir, vocab_file):
-    from modeling_refers import MRMForPreTraining, pretrain_refers
+    from modeling_refers import MRMForPreTraining
+    from modeling_refers.training import pretraining
 
     common = ["--method", "mrm", "--recipe", "mrm_official", "--data_dir", str(shared_data_dir / "covid19_collection"),
               "--config_overrides", "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,"
@@ -482,8 +483,8 @@ def test_run_pretrain_recipe_mrm_official(tmp_path, shared_data_dir, vocab_file)
               "--logging_steps", "1", "--use_cpu", "--dataloader_pin_memory", "false", "--do_train"]
     with pytest.raises(ValueError, match="--recipe mrm_official needs --tokenizer_name_or_path: the local "
                                          "mimic_wordpiece.json"):
-        pretrain_refers.main(["--output_dir", str(tmp_path / "x"), *common])
-    trainer = pretrain_refers.main(["--output_dir", str(tmp_path / "run"), "--tokenizer_name_or_path", str(vocab_file),
+        pretraining.main(["--output_dir", str(tmp_path / "x"), *common])
+    trainer = pretraining.main(["--output_dir", str(tmp_path / "run"), "--tokenizer_name_or_path", str(vocab_file),
                                     *common])
     model, args = trainer.model, trainer.args
     assert type(model) is MRMForPreTraining
@@ -505,7 +506,7 @@ def test_run_pretrain_recipe_mrm_official(tmp_path, shared_data_dir, vocab_file)
 def test_default_collator_takes_the_loss_positions_switch(shared_data_dir):
     from datasets_scripts import load_covid19_studies
     from modeling_refers import RefersImageProcessor, RefersProcessor, train_report_tokenizer
-    from modeling_refers.training_refers import MaskedReportCollator, processor_sizes
+    from modeling_refers.training.trainer import MaskedReportCollator, processor_sizes
 
     rows = list(load_covid19_studies(shared_data_dir / "covid19_collection")["train"])[:6]
     tokenizer = train_report_tokenizer([r["report"] for r in rows], vocab_size=200)
@@ -543,7 +544,7 @@ def test_the_converter_turns_the_official_switch_on():
 
 def test_official_masking_with_the_processors_studies(vocab_file, radiographs):
     from modeling_refers import RefersImageProcessor, RefersProcessor
-    from modeling_refers.training_refers import processor_sizes
+    from modeling_refers.training.trainer import processor_sizes
 
     tokenizer = load_mrm_tokenizer(vocab_file)
     config = tiny(official=False, mrm_report_masking="official", mrm_report_loss_positions="all", max_report_length=16,
@@ -561,7 +562,7 @@ def test_official_masking_with_the_processors_studies(vocab_file, radiographs):
     assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], original)
     assert tokenizer.convert_ids_to_tokens(original[0, :3].tolist()) == ["[CLS]", "left", "lower"]  # never swapped
     # in training a mirrored study's report follows its images (flip forced, nothing else random)
-    from modeling_refers.augmentation_refers import RadiographTrainTransform
+    from modeling_refers.training.augmentation import RadiographTrainTransform
 
     mirror = RadiographTrainTransform(rotation_degrees=0, random_crop=False, flip_probability=1.0,
                                       color_jitter_probability=0.0)

@@ -13,10 +13,10 @@ CHILD = textwrap.dedent(
     import dataclasses, json, shutil, sys
     from pathlib import Path
     import datasets_scripts
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
     site = Path(sys.argv[1]).resolve()
-    default = next(f.default for f in dataclasses.fields(pretrain_refers.DataArguments) if f.name == "data_dir")
+    default = next(f.default for f in dataclasses.fields(pretraining.DataArguments) if f.name == "data_dir")
     out = {"module": datasets_scripts.__file__, "sample": str(datasets_scripts.SAMPLE_DATA_DIR), "default": default,
            "inside": Path(default).resolve().is_relative_to(site),
            "files": sorted(str(p.relative_to(datasets_scripts.SAMPLE_DATA_DIR))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_refers.augmentation_refers import RadiographTrainTransform
+from modeling_refers.training.augmentation import RadiographTrainTransform
 from modeling_refers.image_processing_refers import RefersImageProcessor
 from modeling_refers.processing_refers import (
     REPORT_SPECIAL_TOKENS,
@@ -18,7 +18,7 @@ from modeling_refers.processing_refers import (
     select_views,
     swap_left_right,
 )
-from modeling_refers.report_tokenizer import train_report_tokenizer
+from modeling_refers.training.report_tokenizer import train_report_tokenizer
 
 
 SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}

@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import push_refers_to_hub  # noqa: E402
-from modeling_refers import finetune_refers as run_finetune  # noqa: E402
+from modeling_refers.training import finetuning as run_finetune  # noqa: E402
 import run_label_efficiency  # noqa: E402
 
 TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
@@ -538,16 +538,16 @@ def test_prepared_data_is_what_the_run_reads(tmp_path, nih_dir):
 def test_optimizer_and_augment_flags_reach_the_trainer(tmp_path, nih_dir, monkeypatch):
     """--optimizer adamw trains with AdamW (weight decay groups kept), --augment false collates training batches with
     the evaluation transform; the defaults stay the paper's (SGD, augmentations)."""
-    from modeling_refers import training_refers
+    from modeling_refers.training import trainer as trainer_module
 
     seen = {"train_flags": [], "optimizers": []}
 
-    class SpyCollator(training_refers.ImageLabelCollator):
+    class SpyCollator(trainer_module.ImageLabelCollator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen["train_flags"].append(self.train)
 
-    original = training_refers.RefersTrainer.create_optimizer
+    original = trainer_module.RefersTrainer.create_optimizer
 
     def spy_create_optimizer(self, model=None):
         optimizer = original(self, model)
@@ -555,7 +555,7 @@ def test_optimizer_and_augment_flags_reach_the_trainer(tmp_path, nih_dir, monkey
         return optimizer
 
     monkeypatch.setattr(run_finetune, "ImageLabelCollator", SpyCollator)
-    monkeypatch.setattr(training_refers.RefersTrainer, "create_optimizer", spy_create_optimizer)
+    monkeypatch.setattr(trainer_module.RefersTrainer, "create_optimizer", spy_create_optimizer)
     for flags, optimizer_class, train_flag in ((["--optimizer", "adamw", "--augment", "false"], torch.optim.AdamW, False),
                                                ([], torch.optim.SGD, True)):
         seen["train_flags"].clear(), seen["optimizers"].clear()

@@ -18,9 +18,9 @@ TINY = ("image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_atten
 
 @pytest.fixture(scope="module")
 def run_pretrain():
-    from modeling_refers import pretrain_refers
+    from modeling_refers.training import pretraining
 
-    return pretrain_refers.main
+    return pretraining.main
 
 
 def common_args(tmp_path, shared_data_dir, *extra):
@@ -84,7 +84,7 @@ def _listing(folder: Path) -> dict:
 
 
 def test_trained_report_tokenizer_and_resume_only_the_same_run(tmp_path, shared_data_dir, run_pretrain, monkeypatch):
-    from modeling_refers import pretrain_refers as module
+    from modeling_refers.training import pretraining as module
 
     resumed_from = []
     original_train = module.RefersTrainer.train

@@ -1,4 +1,5 @@
-"""The shared pieces of the run signatures (modeling_refers/run_signature.py), against hashlib on the same bytes."""
+"""The shared pieces of the run signatures (modeling_refers/training/run_signature.py), against hashlib on the same
+bytes."""
 
 import hashlib
 import json
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from datasets_scripts.prepared_images import PREPARED_FORMAT, PREPARED_METADATA_FILE
-from modeling_refers.run_signature import (
+from modeling_refers.training.run_signature import (
     absolute,
     checkpoint_sha256,
     ids_sha256,

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 
 from modeling_refers import RefersConfig, RefersForPreTraining
 from modeling_refers.modeling_refers import pool_report_tokens, sentence_transformers_pooling
-from modeling_refers.training_refers import default_text_encoder_path
+from modeling_refers.training.trainer import default_text_encoder_path
 
 
 def tiny_text_config(**kwargs):

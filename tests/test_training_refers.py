@@ -1,4 +1,4 @@
-"""The shared training glue (`modeling_refers.training_refers`): the recipes' parameter groups and Lookahead, the
+"""The shared training glue (`modeling_refers.training.trainer`): the recipes' parameter groups and Lookahead, the
 left/right swap reaching a separate decoder tokenizer, the processor sizes of each resize mode."""
 
 import copy
@@ -16,9 +16,9 @@ from modeling_refers import (
     train_report_tokenizer,
 )
 from modeling_refers.loading import from_pretrained_checked
-from modeling_refers.augmentation_refers import RadiographTrainTransform
+from modeling_refers.training.augmentation import RadiographTrainTransform
 from modeling_refers.processing_refers import swap_left_right
-from modeling_refers.training_refers import (
+from modeling_refers.training.trainer import (
     PRETRAINING_RECIPES,
     RefersTrainer,
     StudyReportCollator,
@@ -229,7 +229,7 @@ def test_evaluation_batches_come_from_the_eval_collator(tmp_path):
 
 
 def test_worker_generator_is_seeded_from_torch_and_kept_per_worker():
-    from modeling_refers.training_refers import worker_generator
+    from modeling_refers.training.trainer import worker_generator
 
     torch.manual_seed(5)
     cache = {}
@@ -280,7 +280,7 @@ def cut_in_half(path):
 
 
 def test_resume_skips_an_incomplete_newest_checkpoint_and_names_it(tmp_path, caplog):
-    from modeling_refers.training_refers import incomplete_checkpoint, resume_checkpoint
+    from modeling_refers.training.trainer import incomplete_checkpoint, resume_checkpoint
 
     out = tmp_path / "run"
     for step in (1, 2, 10):
@@ -290,7 +290,7 @@ def test_resume_skips_an_incomplete_newest_checkpoint_and_names_it(tmp_path, cap
 
     cut_in_half(out / "checkpoint-10" / "model.safetensors")
     (out / "checkpoint-2" / "trainer_state.json").unlink()
-    with caplog.at_level("WARNING", logger="modeling_refers.training_refers"):
+    with caplog.at_level("WARNING", logger="modeling_refers.training.trainer"):
         assert resume_checkpoint(args) == str(out / "checkpoint-1")
     warned = caplog.text
     assert f"Skipping the incomplete checkpoint {out / 'checkpoint-10'}" in warned
@@ -307,7 +307,7 @@ def test_resume_skips_an_incomplete_newest_checkpoint_and_names_it(tmp_path, cap
 
 
 def test_sharded_checkpoints_count_only_with_every_shard_whole(tmp_path):
-    from modeling_refers.training_refers import incomplete_checkpoint
+    from modeling_refers.training.trainer import incomplete_checkpoint
 
     folder = write_checkpoint(tmp_path / "checkpoint-3", 3, max_shard_size="100KB")
     shards = sorted(folder.glob("model-*.safetensors"))
@@ -405,7 +405,7 @@ def test_non_finite_evaluation_loss_stops_naming_the_images(shared_data_dir, tmp
     and a NaN evaluation loss raises instead of being dropped from `eval_loss`."""
     from datasets_scripts import load_target_dataset
     from modeling_refers import RefersForImageClassification
-    from modeling_refers.training_refers import ImageLabelCollator
+    from modeling_refers.training.trainer import ImageLabelCollator
 
     data = load_target_dataset("nih_chestxray14", shared_data_dir / "nih_chestxray14_sample")["validation"]
     data = data.select(range(3))
@@ -439,7 +439,7 @@ def test_predict_keeps_the_dataset_order_with_workers_and_a_ragged_last_batch(tm
     from PIL import Image
 
     from modeling_refers import RefersForImageClassification
-    from modeling_refers.training_refers import ImageLabelCollator
+    from modeling_refers.training.trainer import ImageLabelCollator
 
     rng = np.random.default_rng(0)
     n = 23

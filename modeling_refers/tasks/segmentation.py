@@ -479,7 +479,7 @@ def main(argv=None) -> dict:
     parser = HfArgumentParser((SegmentationArguments, SegmentationTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from ..training_refers import resume_checkpoint, write_run_signature
+    from ..training.trainer import resume_checkpoint, write_run_signature
 
     # Inputs first: nothing is written before they are known good.
     if training_args.do_train and training_args.per_device_train_batch_size < 2:

@@ -35,7 +35,7 @@ import transformers
 from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, set_seed
 
 
-from .training_refers import (
+from .trainer import (
     PRETRAINING_RECIPES,
     RESIZE_MODES,
     ImageLabelCollator,
@@ -55,12 +55,12 @@ from datasets_scripts import (
     sample_label_ratio,
     select_by_ids,
 )
-from . import RefersConfig, RefersForImageClassification, RefersImageProcessor
-from .metrics import multilabel_auc, roc_curve_png
-from .file_utils import atomic_open, atomic_write_text
-from .hub.upload import check_hub_arguments
-from .hub.model_card import dataset_display_name, make_model_card, save_model_card
-from .loading import from_pretrained_checked, load_timm_weights
+from .. import RefersConfig, RefersForImageClassification, RefersImageProcessor
+from ..metrics import multilabel_auc, roc_curve_png
+from ..file_utils import atomic_open, atomic_write_text
+from ..hub.upload import check_hub_arguments
+from ..hub.model_card import dataset_display_name, make_model_card, save_model_card
+from ..loading import from_pretrained_checked, load_timm_weights
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
 from datasets_scripts.common import resolve_split_dir
 from datasets_scripts.labelled_images import NAME as LABELLED_IMAGES

@@ -31,7 +31,7 @@ from transformers.image_utils import PILImageResampling
 
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
 from datasets_scripts.prepared_images import load_prepared_dataset, warn_if_upscaled
-from . import (
+from .. import (
     JoImTeRNetConfig,
     MRMConfig,
     RadTexConfig,
@@ -41,17 +41,17 @@ from . import (
     RefersProcessor,
     train_report_tokenizer,
 )
-from .file_utils import atomic_write_text
-from .hub.upload import check_hub_arguments
-from .loading import load_timm_weights
-from .modeling_joimternet import JoImTeRNetForPreTraining
-from .modeling_mrm import MRMForPreTraining
-from .modeling_radtex import RadTexForPreTraining
+from ..file_utils import atomic_write_text
+from ..hub.upload import check_hub_arguments
+from ..loading import load_timm_weights
+from ..modeling_joimternet import JoImTeRNetForPreTraining
+from ..modeling_mrm import MRMForPreTraining
+from ..modeling_radtex import RadTexForPreTraining
 from .mrm_official import (MRM_OFFICIAL_PIXEL_MEAN, MRM_OFFICIAL_PIXEL_STD, OfficialMaskedReportCollator,
                            load_mrm_tokenizer)
-from .hub.model_card import dataset_display_name, make_model_card, save_model_card
+from ..hub.model_card import dataset_display_name, make_model_card, save_model_card
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
-from .training_refers import (
+from .trainer import (
     PRETRAINING_RECIPES,
     RESIZE_MODES,
     MRM_RECIPE,

@@ -17,12 +17,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .augmentation_refers import RadiographTrainTransform
-from .processing_refers import swap_left_right
-from .file_utils import atomic_open, atomic_write_text, give_default_modes
-from .hub.upload import check_hub_arguments, hub_files, upload_model_folder
-from .loading import incomplete_weights
-from .hub.model_card import save_model_card
+from .augmentation import RadiographTrainTransform
+from ..processing_refers import swap_left_right
+from ..file_utils import atomic_open, atomic_write_text, give_default_modes
+from ..hub.upload import check_hub_arguments, hub_files, upload_model_folder
+from ..loading import incomplete_weights
+from ..hub.model_card import save_model_card
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The pieces of a run signature that pretraining and fine-tuning share.
 
-A run signature (`run_signature.json`, see `training_refers.resume_checkpoint`) lists what decides what a run
+A run signature (`run_signature.json`, see `trainer.resume_checkpoint`) lists what decides what a run
 computes, so a later run in the same `--output_dir` resumes only the same run. Each script builds its own dict; the
 fields they have in common are made here, once: the starting point by content (a rewritten checkpoint is another
 starting point), the training ids by hash, local paths made absolute, the prepared-image folder with its short
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from datasets_scripts.prepared_images import read_prepared_metadata
 
-from .file_utils import file_sha256
+from ..file_utils import file_sha256
 
 
 # Files of a starting checkpoint folder whose bytes identify it: the config and the weights (whole or sharded).

@@ -141,7 +141,7 @@ class OfficialMaskedReportCollator:
     def _images(self, examples: list[dict], rng: np.random.Generator) -> torch.Tensor:
         from PIL import Image
 
-        from .radiograph_io import load_radiograph
+        from ..radiograph_io import load_radiograph
 
         transform = official_image_transform(self.train, self.config.input_image_size)
         images = []
@@ -156,7 +156,7 @@ class OfficialMaskedReportCollator:
         return torch.stack(images)
 
     def __call__(self, examples: list[dict]) -> dict:
-        from .training_refers import worker_generator
+        from .trainer import worker_generator
 
         rng = worker_generator(self._generators) if self.train else np.random.default_rng(0)
         tokenizer = self.processor.tokenizer
@@ -164,9 +164,9 @@ class OfficialMaskedReportCollator:
         if getattr(self.config, "mrm_image_augmentation", "processor") == "official":
             batch = {"pixel_values": self._images(examples, rng)}
         else:
-            from .augmentation_refers import RadiographTrainTransform
+            from .augmentation import RadiographTrainTransform
 
-            from .processing_refers import swap_left_right
+            from ..processing_refers import swap_left_right
 
             processed = self.processor(images=[example["images"] for example in examples], do_train_augment=self.train,
                                        train_transform=(self.train_transform or RadiographTrainTransform())

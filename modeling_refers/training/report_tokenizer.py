@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
-from .file_utils import staged_files
-from .processing_refers import REPORT_SPECIAL_TOKENS
+from ..file_utils import staged_files
+from ..processing_refers import REPORT_SPECIAL_TOKENS
 
 
 def train_report_tokenizer(
