@@ -298,6 +298,7 @@ def test_saved_processor_normalises_as_the_model_was_trained(tmp_path):
     processor = RefersProcessor.from_pretrained(tmp_path)
     assert list(processor.image_processor.image_mean) == [0.4978] * 3
     assert list(processor.image_processor.image_std) == [0.2449] * 3
+    assert processor.image_processor.crop_size.height == 64 and not processor.image_processor.do_center_crop
     image = Image.open(sorted(_radiograph_dir().glob("*.png"))[0]).convert("RGB").resize((200, 200))
     pixels = processor(images=[[image]], return_tensors="pt")["pixel_values"].reshape(-1, 3, 64, 64)[0]
     reference = official_image_transform(train=False, size=64)(image)

@@ -139,7 +139,8 @@ def build_processor(config: RefersConfig, tokenizer, resize: str = "square") -> 
     if getattr(config, "mrm_image_augmentation", "processor") == "official":
         side = config.input_image_size
         image_processor = RefersImageProcessor(
-            size={"height": side, "width": side}, do_center_crop=False, resample=PILImageResampling.BICUBIC,
+            size={"height": side, "width": side}, do_center_crop=False, crop_size={"height": side, "width": side},
+            resample=PILImageResampling.BICUBIC,
             image_mean=[MRM_OFFICIAL_PIXEL_MEAN] * 3, image_std=[MRM_OFFICIAL_PIXEL_STD] * 3)
     else:
         image_processor = RefersImageProcessor(**processor_sizes(config.input_image_size, resize))
