@@ -17,6 +17,7 @@ from modeling_refers import (
 )
 from modeling_refers.loading import from_pretrained_checked
 from modeling_refers.training.augmentation import RadiographTrainTransform
+from modeling_refers.training.lookahead import Lookahead
 from modeling_refers.processing_refers import swap_left_right
 from modeling_refers.training.trainer import (
     PRETRAINING_RECIPES,
@@ -75,12 +76,10 @@ def test_recipe_parameter_groups(tmp_path, recipe):
         else:
             expected = 3e-3
         assert lr == expected, (recipe, name)
-    from timm.optim import Lookahead
-
     if recipe == "official":
         assert isinstance(optimizer, Lookahead)
         assert {(g["lookahead_k"], g["lookahead_alpha"]) for g in optimizer.param_groups} == {(5, 0.5)}
-        assert isinstance(optimizer._base_optimizer, torch.optim.SGD)
+        assert isinstance(optimizer.base_optimizer, torch.optim.SGD)
     elif recipe == "adamw":  # the paper's two learning rates, AdamW instead of SGD (short runs from random weights)
         assert type(optimizer) is torch.optim.AdamW
         assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.999)}
@@ -116,6 +115,40 @@ def test_lookahead_pulls_back_half_way_to_the_initial_weights_every_5_steps(tmp_
                 torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7, msg=name)
     moved = [n for n, p in reference.named_parameters() if not torch.equal(p, initial[n])]
     assert len(moved) > 10  # the check above compared weights that did change
+
+
+def test_lookahead_slow_weights_start_at_step_0_by_hand_and_resume_from_its_state_dict():
+    """SGD (lr 0.1, no momentum) on loss = sum(w), so every step moves w by -0.1; w0 = 1, k 5, alpha 0.5.
+    Step 5: fast 0.5, slow 1 + 0.5 * (0.5 - 1) = 0.75 (slow weights started at step 5, as timm's, would give 0.5).
+    Step 10: fast 0.75 - 0.5 = 0.25, slow 0.75 + 0.5 * (0.25 - 0.75) = 0.5. A copy resumed at step 7 from the
+    state_dict ends at the same weights."""
+
+    def run(param, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            param.sum().backward()
+            optimizer.step()
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = Lookahead(torch.optim.SGD([weight], lr=0.1), alpha=0.5, k=5)
+    run(weight, optimizer, 4)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.6))
+    run(weight, optimizer, 1)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.75))
+    run(weight, optimizer, 2)
+    saved, at_step_7 = copy.deepcopy(optimizer.state_dict()), weight.detach().clone()
+    run(weight, optimizer, 3)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.5))
+
+    resumed = torch.nn.Parameter(at_step_7)
+    resumed_optimizer = Lookahead(torch.optim.SGD([resumed], lr=0.1), alpha=0.5, k=5)
+    resumed_optimizer.load_state_dict(saved)
+    assert resumed_optimizer.param_groups is resumed_optimizer.base_optimizer.param_groups
+    run(resumed, resumed_optimizer, 3)
+    torch.testing.assert_close(resumed.detach(), weight.detach(), rtol=0, atol=0)
+    for alpha, k in ((1.5, 5), (0.5, 0), (0.5, 2.5)):
+        with pytest.raises(ValueError, match="Lookahead (alpha|k)"):
+            Lookahead(torch.optim.SGD([weight], lr=0.1), alpha=alpha, k=k)
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +223,7 @@ def test_processor_sizes_per_resize_mode():
         processor_sizes(224, "crop")
 
 
-def test_lookahead_arguments_reach_timm_and_bad_ones_are_refused(tmp_path):
-    from timm.optim import Lookahead
-
+def test_lookahead_arguments_reach_the_optimizer_and_bad_ones_are_refused(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     model = tiny_model()
     optimizer = RefersTrainer(model=model, args=args, lookahead_steps=3, lookahead_alpha=0.3).create_optimizer()

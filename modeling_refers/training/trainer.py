@@ -6,6 +6,7 @@ Data flows one way: `datasets` rows -> collator (processor) -> model -> Trainer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .augmentation import RadiographTrainTransform
+from .lookahead import Lookahead
 from ..processing_refers import swap_left_right
 from ..file_utils import atomic_open, atomic_write_text, give_default_modes
 from ..hub.upload import check_hub_arguments, hub_files, upload_model_folder
@@ -201,7 +203,7 @@ class RefersTrainer(Trainer):
     """The Trainer with the paper's optimizer: SGD (momentum) over two learning rates, the radiograph transformer's
     (`args.learning_rate`) and the text modules' (`text_learning_rate`), weight decay except on LayerNorm and biases.
     `decoder_learning_rate` gives the report decoder a rate of its own (the official code: 3e-3, as the backbone);
-    `lookahead_steps > 0` wraps SGD in timm's Lookahead (the official code: k 5, alpha 0.5), its slow weights starting
+    `lookahead_steps > 0` wraps SGD in `lookahead.Lookahead` (the official code: k 5, alpha 0.5), its slow weights starting
     at the initial weights as in the Lookahead paper and the official code. The Trainer's scheduler (linear warm-up,
     cosine decay) scales every group alike. In training it also logs the parts of the loss a model returns
     (`loss_report`, `loss_contrast`). `eval_data_collator` (no augmentation) collates evaluation and prediction
@@ -249,15 +251,25 @@ class RefersTrainer(Trainer):
             return self.text_learning_rate
         return self.args.learning_rate
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
-        if is_training or self.eval_data_collator is None:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+    @contextlib.contextmanager
+    def _evaluation_collator(self):
+        """`data_collator` is `eval_data_collator` (when given) inside the block, the training collator again after."""
+        if self.eval_data_collator is None:
+            yield
+            return
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator
         try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+            yield
         finally:
             self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
 
     # A huggingface_hub ModelCard (filled from results.json) pushed instead of the Trainer's generic card.
     model_card = None
@@ -345,15 +357,8 @@ class RefersTrainer(Trainer):
             optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate, betas=self.adam_betas)
         else:
             optimizer = torch.optim.SGD(param_groups, lr=self.args.learning_rate, momentum=self.sgd_momentum)
-        if self.lookahead_steps:
-            from timm.optim import Lookahead
-
+        if self.lookahead_steps:  # slow weights from the initial weights, as the paper and the official code
             optimizer = Lookahead(optimizer, alpha=self.lookahead_alpha, k=self.lookahead_steps)
-            # timm starts the slow weights at the first synchronisation (step k); the Lookahead paper and the official
-            # code start them at the initial weights, so the first sync already moves half-way back.
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    optimizer._base_optimizer.state[param]["lookahead_slow_buff"] = param.detach().clone()
         self.optimizer = optimizer
         return self.optimizer
 
