@@ -379,7 +379,7 @@ class SegmentationArguments:
     dataset_name: str | None = field(default=None, metadata={
         "help": "A target data set builder with image and mask columns (siim_acr_pneumothorax), read from --data_dir."})
     data_dir: str | None = field(default=None, metadata={"help": "The data set as distributed (--dataset_name)."})
-    label_ratio: float = field(default=1.0, metadata={"help": "--dataset_name: MRM's 1% / 10% / 100% training list."})
+    label_ratio: float = field(default=1.0, metadata={"help": "--dataset_name: MRM's 1%% / 10%% / 100%% training list."})
     dataset_path: str | None = field(default=None, metadata={
         "help": "Instead of --dataset_name: a datasets.load_from_disk DatasetDict (train / validation / test) with "
                 "image and mask columns."})

@@ -270,7 +270,7 @@ class PretrainingArguments(TrainingArguments):
                 "alpha 0.5), 'adamw' (the paper's two learning rates with AdamW (0.9, 0.999) instead of SGD: what a "
                 "random ViT needs to learn in hundreds of steps), 'mrm' (MRM's: AdamW (0.9, 0.95), one learning rate 1.5e-4 x total batch / 256 and "
                 "weight decay 0.05, replacing --learning_rate, --text_learning_rate and --weight_decay) or "
-                "'mrm_official' (MRM exactly as its official code: 'mrm', warm-up 20% of the run, no gradient "
+                "'mrm_official' (MRM exactly as its official code: 'mrm', warm-up 20%% of the run, no gradient "
                 "clipping, MRMConfig.from_official(), BERT from scratch on --tokenizer_name_or_path mimic_wordpiece.json)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Radiograph transformer learning rate."})
     text_learning_rate: float = field(default=3e-4, metadata={
