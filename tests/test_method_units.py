@@ -262,7 +262,7 @@ def test_a_recipe_of_another_method_is_refused_naming_both():
     from types import SimpleNamespace
 
     model_args = SimpleNamespace(method="refers", model_name_or_path=None, config_name=None,
-                                 text_encoder_name_or_path=None, tokenizer_name_or_path=None, vision_weights=None)
+                                 text_encoder_name_or_path=None, tokenizer_name_or_path=None, timm_weights=None)
     data_args = SimpleNamespace(resize="square", prepared_data_dir="prepared", data_dir=None, dataset_name="mimic_cxr")
     with pytest.raises(ValueError, match="--recipe mrm goes with --method mrm, and --method refers with --recipe "
                                          "paper or official or adamw"):

@@ -191,7 +191,7 @@ def test_bad_inputs_are_named_and_nothing_is_written(tmp_path, shared_data_dir, 
     with pytest.raises(Exception, match="metadata.csv"):
         run_pretrain(["--output_dir", str(out), "--data_dir", str(tmp_path / "empty"), "--do_train"])
     for bad, match in ((["--model_name_or_path", str(tmp_path / "missing")], r"--model_name_or_path .*no such folder"),
-                       (["--vision_weights", str(tmp_path / "vit.pth")], r"--vision_weights .*no such file"),
+                       (["--timm_weights", str(tmp_path / "vit.pth")], r"--timm_weights .*no such file"),
                        (["--recipe", "fast"], r"--recipe must be one of \['adamw', 'mrm', 'mrm_official', 'official', 'paper'\]"),
                        (["--resize", "crop"], r"--resize must be one of")):
         with pytest.raises((ValueError, FileNotFoundError), match=match):

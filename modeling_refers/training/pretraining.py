@@ -231,7 +231,7 @@ class ModelArguments:
         default=None,
         metadata={"help": "Comma-separated changes to the text encoder config when it is built from the config "
                           "(--text_encoder_name_or_path none), e.g. 'hidden_size=256,num_hidden_layers=4'."})
-    vision_weights: str | None = field(
+    timm_weights: str | None = field(
         default=None, metadata={"help": "A local timm ViT state dict (.pth/.safetensors) to start the backbone from."})
 
 
@@ -361,8 +361,8 @@ def build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe: str
         config.text_config.vocab_size = len(tokenizer)
         config.text_config.pad_token_id = tokenizer.pad_token_id
         model = model_class(config)
-    if model_args.vision_weights:
-        load_timm_weights(model, model_args.vision_weights)
+    if model_args.timm_weights:
+        load_timm_weights(model, model_args.timm_weights)
     return model
 
 
@@ -392,8 +392,8 @@ def check_inputs(model_args, data_args, training_args) -> None:
                        ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path)):
         if path and path.lower() != "none" and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path!r}: no such folder (pass a local folder; nothing is downloaded)")
-    if model_args.vision_weights and not os.path.isfile(model_args.vision_weights):
-        raise FileNotFoundError(f"--vision_weights {model_args.vision_weights!r}: no such file (a local timm ViT "
+    if model_args.timm_weights and not os.path.isfile(model_args.timm_weights):
+        raise FileNotFoundError(f"--timm_weights {model_args.timm_weights!r}: no such file (a local timm ViT "
                                 ".pth / .safetensors state dict)")
     if not data_args.prepared_data_dir:  # e.g. the default sample, in an installation without it: say what to pass
         check_data_dir(data_args.data_dir, what=f"the {data_args.dataset_name} folder (or pass --prepared_data_dir)")
@@ -430,7 +430,7 @@ def run_signature(model_args, data_args, training_args, train_set, eval_set) -> 
         "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
         "report_tokenizer_vocab_size": model_args.report_tokenizer_vocab_size,
         "text_config_overrides": model_args.text_config_overrides,
-        "vision_weights_sha256": checkpoint_sha256(model_args.vision_weights),
+        "timm_weights_sha256": checkpoint_sha256(model_args.timm_weights),
         **training_fields(training_args, SIGNATURE_TRAINING_FIELDS),
     }
     return signature
@@ -454,7 +454,7 @@ def describe_start(model_args, config) -> str:
     else:
         parts.append("report encoder initialised at random")
     encoder = "radiograph transformer" if config.backbone == "vit" else f"{config.backbone} CNN"
-    parts.append(f"{encoder} from `{name(model_args.vision_weights)}`" if model_args.vision_weights
+    parts.append(f"{encoder} from `{name(model_args.timm_weights)}`" if model_args.timm_weights
                  else f"{encoder} initialised at random")
     return ", ".join(parts)
 
