@@ -6,7 +6,7 @@
 
 For every image with ground-truth boxes and every labelled finding on it, each `--methods` map (Grad-CAM from
 pytorch-grad-cam on the last transformer block; the aggregation token's attention, last layer or rolled out) is
-normalised to [0, 1], thresholded at `--threshold`, split into connected components and boxed (the paper's
+normalized to [0, 1], thresholded at `--threshold`, split into connected components and boxed (the paper's
 procedure); each radiologist box gets the IoU of the best box from the map. The radiograph is resized whole to the
 model's input, so every box maps by a plain scale.
 
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bbox_file", default=None, help=f"NIH only: the box table (default: <data_dir>/{BBOX_FILE}).")
     parser.add_argument("--methods", nargs="+", default=["gradcam", "attention"],
                         choices=CAM_METHODS + ATTENTION_METHODS)
-    parser.add_argument("--threshold", type=float, default=0.5, help="On the map normalised to [0, 1].")
+    parser.add_argument("--threshold", type=float, default=0.5, help="On the map normalized to [0, 1].")
     parser.add_argument("--max_images", type=int, default=None, help="Only the first N images with boxes.")
     parser.add_argument("--max_overlays", type=int, default=200, help="Overlay PNGs written per method.")
     parser.add_argument("--batch_size", type=int, default=8)

@@ -43,7 +43,7 @@ class MRMConfig(RefersConfig):
 
     Args:
         mrm_mask_ratio (`float`, defaults to 0.75): share of every view's patches masked (MAE).
-        mrm_norm_pix_loss (`bool`, defaults to `True`): reconstruct per-patch normalised pixels.
+        mrm_norm_pix_loss (`bool`, defaults to `True`): reconstruct per-patch normalized pixels.
         mrm_reconstruction_size (`int`, *optional*): a larger target image (the official code's 448 for 224): each
             input patch then predicts `(patch_size * mrm_reconstruction_size / image_size) ** 2` pixels.
         mrm_decoder_hidden_size (`int`, defaults to 512), mrm_decoder_num_hidden_layers (`int`, defaults to 8),
@@ -67,7 +67,7 @@ class MRMConfig(RefersConfig):
         mrm_report_loss_positions (`str`, `"masked"` / `"all"`): the report loss over the masked tokens only, or over
             every position ([CLS], visible words and padding included): the collator's labels.
         mrm_image_augmentation (`str`, `"processor"` / `"official"`): the processor's studies, or one radiograph per
-            report through RandomResizedCrop(448, scale 0.2-1.0, bicubic) + flip, normalised 0.4978 / 0.2449.
+            report through RandomResizedCrop(448, scale 0.2-1.0, bicubic) + flip, normalized 0.4978 / 0.2449.
         mrm_initialization (`str`, `"refers"` / `"xavier"`): REFERS's truncated normal (std `initializer_range`), or
             xavier-uniform for every Linear (q, k, v as timm's fused qkv), the patch embedding as a Linear, the class
             and mask tokens N(0, 0.02), BERT's word embeddings the same xavier matrix as the tied masked-LM decoder.

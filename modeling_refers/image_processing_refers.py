@@ -70,7 +70,7 @@ def _is_image_like(item: Any) -> bool:
 
 
 def make_batched_studies(images: Any) -> tuple[list[list[Any]], bool]:
-    """Normalise an image input into a list of studies (each a list of views).
+    """Normalize an image input into a list of studies (each a list of views).
 
     Returns `(studies, is_study_layout)`: a single image gives `[[image]]` and a flat list of images gives one
     single-view "study" per image (`is_study_layout=False`); a list of lists gives the studies as they are
@@ -150,7 +150,7 @@ class RefersImageProcessor(PilBackend):
     With `do_convert_rgb=True` (default) every radiograph becomes 3 channels (grey repeated, alpha dropped); with
     `False` the channels are kept as given (grey 1, RGB 3, RGBA 4, as transformers' processors do). 16-bit and
     float inputs are windowed to 8 bits first (`radiograph_io.window_to_uint8`). Defaults follow the paper: resize
-    to 256 x 256, crop 224 (centre offsets rounded as torchvision's `center_crop`), normalise with mean = std = 0.5;
+    to 256 x 256, crop 224 (centre offsets rounded as torchvision's `center_crop`), normalize with mean = std = 0.5;
     the paper's train-time augmentation (random crop, flip, rotation, brightness / contrast) is a `train_transform`
     the training collators pass (`training.augmentation.RadiographTrainTransform`). `size={"shortest_edge": 256}`
     keeps the aspect ratio instead (what the official fine-tuning code's `transforms.Resize(224)` does, at 224).

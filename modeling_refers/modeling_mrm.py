@@ -3,7 +3,7 @@
 - Image branch: MAE on the radiograph transformer. `mrm_mask_ratio` (75%) of every view's patches are masked at
   random and only the visible ones enter the encoder (gathered: no compute on masked patches); transformers' ViT-MAE
   decoder (8 blocks, width 512, 16 heads) reconstructs the masked patches; the loss is the MSE on masked patches only,
-  against per-patch normalised pixels (`mrm_norm_pix_loss`). With `mrm_reconstruction_size` (the official code's
+  against per-patch normalized pixels (`mrm_norm_pix_loss`). With `mrm_reconstruction_size` (the official code's
   448 for 224) the target is the larger image: each 16-px input patch predicts its 32 x 32 pixels.
 - Report branch: `mrm_report_mask_ratio` (50%) of the report's words are masked (whole words, by the collator), the
   BERT report encoder predicts them, conditioned on the image by adding the projected mean of the visible patch
@@ -84,7 +84,7 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 def masked_patch_loss(target: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor,
                       norm_pix_loss: bool = True) -> torch.Tensor:
     """MAE's loss: mean squared error per patch, averaged over the masked patches only (`mask` 1 = masked);
-    with `norm_pix_loss` every target patch is normalised by its own mean and variance (eps 1e-6)."""
+    with `norm_pix_loss` every target patch is normalized by its own mean and variance (eps 1e-6)."""
     if norm_pix_loss:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5

@@ -47,7 +47,7 @@ class RefersViewFusionOutput(ModelOutput):
     Args:
         study_embeds (`(batch, num_views * hidden_size)`): the study feature v_k: the weighted view features
             (softmax fusion) or the view aggregation tokens (sigmoid-gate fusion), concatenated over views.
-        study_pooled_output (`(batch, hidden_size)`): view features averaged with the normalised view weights; what
+        study_pooled_output (`(batch, hidden_size)`): view features averaged with the normalized view weights; what
             classification heads read for a study. A one-view study gives exactly that view's feature.
         study_hidden_states (`(batch, num_views * num_patches, hidden_size)`): the weighted/gated patch tokens of all
             views, concatenated along the sequence axis (the report decoder's memory).
@@ -314,7 +314,7 @@ class RefersViewFusion(nn.Module):
     def forward_single_view(self, view_feature: torch.Tensor, view_tokens: torch.Tensor) -> RefersViewFusionOutput:
         """A single image `(batch, d)` + `(batch, P, d)` as a one-view study (the other V - 1 views masked): the
         same weights as `forward` with `view_mask = [1, 0, ..., 0]`, without materialising the padded views. The
-        image's normalised weight is exactly 1 (`w / w`), so `study_pooled_output` is the image's own feature, and
+        image's normalized weight is exactly 1 (`w / w`), so `study_pooled_output` is the image's own feature, and
         every fusion parameter takes part in the graph (DistributedDataParallel with find_unused_parameters=False).
         `study_hidden_states` is left out (it would be V x P tokens, mostly zeros)."""
         batch_size, hidden_size = view_feature.shape
@@ -339,9 +339,9 @@ class RefersViewFusion(nn.Module):
     @staticmethod
     def _output(view_features, study_embeds, study_hidden_states, view_weights, view_mask) -> RefersViewFusionOutput:
         batch_size, num_views, hidden_size = view_features.shape
-        normalised = view_weights / view_weights.sum(dim=-1, keepdim=True).clamp_min(
+        normalized = view_weights / view_weights.sum(dim=-1, keepdim=True).clamp_min(
             torch.finfo(view_weights.dtype).tiny)
-        study_pooled_output = (normalised[:, :, None] * view_features).sum(dim=1)
+        study_pooled_output = (normalized[:, :, None] * view_features).sum(dim=1)
         if study_hidden_states is None:
             return RefersViewFusionOutput(study_embeds=study_embeds, study_pooled_output=study_pooled_output,
                                           view_weights=view_weights)
@@ -534,7 +534,7 @@ class RefersModel(RefersPreTrainedModel):
         pixels = pixel_values.flatten(0, 1)
         pixels = torch.where(flat_mask[:, None, None, None], pixels, torch.zeros_like(pixels))
         if self.conv_backbone is not None and self.training and not _is_traced():
-            # A CNN's BatchNorm normalises with the batch's statistics in training: only the real views may enter.
+            # A CNN's BatchNorm normalizes with the batch's statistics in training: only the real views may enter.
             real = self.forward_features(pixels[flat_mask], interpolate_pos_encoding, **kwargs)
             sequence = real.new_zeros(flat_mask.shape[0], *real.shape[1:]).index_put((flat_mask,), real)
         else:
@@ -753,7 +753,7 @@ def study_report_contrastive_loss(
     `(n, global b)` with global negatives.
 
     Under mixed precision (`torch.autocast`, the Trainer's `--bf16`/`--fp16`) the whole loss runs in float32 with
-    autocast off: the embeddings are upcast (gradients flow back to them in their own dtype), so the normalisation,
+    autocast off: the embeddings are upcast (gradients flow back to them in their own dtype), so the normalization,
     the cosine logits / temperature and the cross entropies keep float32 digits; all four outputs are float32.
     """
     with _autocast_off(study_embeds.device.type):

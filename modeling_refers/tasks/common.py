@@ -123,7 +123,7 @@ def grayscale(image: Any) -> np.ndarray:
 
 
 def pixels_to_display(pixel_values: Any) -> np.ndarray:
-    """A processed image `(C, H, W)` (normalised floats) as `(H, W)` in [0, 1], min-max stretched, for display."""
+    """A processed image `(C, H, W)` (normalized floats) as `(H, W)` in [0, 1], min-max stretched, for display."""
     array = pixel_values.detach().float().cpu().numpy() if hasattr(pixel_values, "detach") else np.asarray(pixel_values)
     gray = array.mean(axis=0) if array.ndim == 3 else array
     low, high = float(gray.min()), float(gray.max())

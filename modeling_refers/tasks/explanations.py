@@ -1,5 +1,5 @@
 """Explanations for a fine-tuned REFERS classifier, as the paper evaluates them: a class activation map per image and
-class, turned into boxes by a fixed threshold (normalise to [0, 1], threshold, connected components, bounding boxes),
+class, turned into boxes by a fixed threshold (normalize to [0, 1], threshold, connected components, bounding boxes),
 scored by IoU against radiologists' boxes.
 
 Maps: Grad-CAM (and the other gradient CAMs of pytorch-grad-cam) on the last transformer block, with the patch
@@ -139,7 +139,7 @@ def attention_maps(model, pixel_values: torch.Tensor, rollout: bool = False) -> 
     """The aggregation token's attention to the patches of a REFERS classifier (class-agnostic).
 
     `rollout=False`: the last layer's attention, averaged over heads. `rollout=True`: attention rollout over all
-    layers (heads averaged, the identity added for the residual path, rows renormalised, layers multiplied).
+    layers (heads averaged, the identity added for the residual path, rows renormalized, layers multiplied).
     Runs with eager attention (SDPA returns no weights). Returns `(B, H, W)` float32 maps in [0, 1], upsampled to the
     input with pytorch-grad-cam's `scale_cam_image`.
     """
@@ -180,7 +180,7 @@ def explanation_maps(model, pixel_values: torch.Tensor, class_indices: Sequence[
 
 # --------------------------------------------------------------------------------------------------- maps -> boxes
 def map_to_boxes(cam: np.ndarray, threshold: float = 0.5) -> list[tuple[float, float, float, float]]:
-    """The paper's map-to-box step: min-max normalise `cam` `(H, W)` to [0, 1], keep pixels >= `threshold`, label the
+    """The paper's map-to-box step: min-max normalize `cam` `(H, W)` to [0, 1], keep pixels >= `threshold`, label the
     8-connected components (scipy.ndimage), one bounding box `(x_min, y_min, x_max, y_max)` (exclusive max) each,
     largest area first. A constant map gives no box."""
     from scipy import ndimage

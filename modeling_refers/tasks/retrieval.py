@@ -25,8 +25,8 @@ class RefersRetrievalOutput(ModelOutput):
     Output of [`retrieve`].
 
     Args:
-        study_embeds (`(num_studies, projection_dim)`): L2-normalised study embeddings.
-        report_embeds (`(num_reports, projection_dim)`): L2-normalised report embeddings.
+        study_embeds (`(num_studies, projection_dim)`): L2-normalized study embeddings.
+        report_embeds (`(num_reports, projection_dim)`): L2-normalized report embeddings.
         similarity (`(num_studies, num_reports)`): cosine similarity.
         relevance (`(num_studies, num_reports)` bool): True where the report is a correct match of the study.
         metrics (`dict`): `evaluation.retrieval_metrics(similarity, relevance)`.
@@ -40,8 +40,8 @@ class RefersRetrievalOutput(ModelOutput):
 
 
 def study_embeddings(model, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`(B, projection_dim)` L2-normalised study embeddings (`get_study_features`) of studies `(B, V, C, H, W)`.
-    Without view fusion (one row per real view), a study's embedding is the mean of its views' normalised ones."""
+    """`(B, projection_dim)` L2-normalized study embeddings (`get_study_features`) of studies `(B, V, C, H, W)`.
+    Without view fusion (one row per real view), a study's embedding is the mean of its views' normalized ones."""
     features = model.get_study_features(pixel_values, view_mask).pooler_output
     batch_size = pixel_values.shape[0]
     if features.shape[0] != batch_size:  # use_view_fusion=False: rows are the real views, in order
@@ -54,7 +54,7 @@ def study_embeddings(model, pixel_values: torch.Tensor, view_mask: torch.Tensor 
 
 @torch.no_grad()
 def encode_studies(model, processor, studies: Sequence[Sequence[Any]], batch_size: int = 16) -> torch.Tensor:
-    """`(N, projection_dim)` L2-normalised study embeddings of N studies (lists of views), see `study_embeddings`."""
+    """`(N, projection_dim)` L2-normalized study embeddings of N studies (lists of views), see `study_embeddings`."""
     out = []
     for batch in batches(list(studies), batch_size, "Encoding studies"):
         inputs = processor(images=batch, do_train_augment=False, return_tensors="pt")
@@ -64,7 +64,7 @@ def encode_studies(model, processor, studies: Sequence[Sequence[Any]], batch_siz
 
 @torch.no_grad()
 def encode_reports(model, processor, reports: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """`(M, projection_dim)` L2-normalised report embeddings (`get_text_features`) of M report strings."""
+    """`(M, projection_dim)` L2-normalized report embeddings (`get_text_features`) of M report strings."""
     out = []
     for batch in batches(list(reports), batch_size, "Encoding reports"):
         inputs = processor(text=batch, return_tensors="pt")

@@ -20,7 +20,7 @@ and `configs/mrm/upernet_mrm-base_fp16_8x2_512x512_160k_siim.py`, read for this 
   `FocalLoss(loss_weight=0.8) + DiceLoss(loss_weight=0.4, class_weight=[0, 1])` (so "focal 2.0" in the paper's
   summary is the focal term's weight; its gamma is 2.0 too). Dice is on the pneumothorax class only;
 - backbone stochastic depth: drop path rising linearly to 0.1 over the blocks (`--drop_path_rate`);
-- data: pixels normalised with mean 0.4978, std 0.2449 (x 255 in mmseg), random horizontal flip 0.5 in training;
+- data: pixels normalized with mean 0.4978, std 0.2449 (x 255 in mmseg), random horizontal flip 0.5 in training;
   images resized to `image_size` (MRM: 512, keep-ratio resize + pad; SIIM images are square, so the same);
 - metric: MRM's `medDice`, the mean over images of the per-image Dice on the pneumothorax class, an image with an
   empty true mask scoring 1 when the prediction is empty and 0 otherwise (the Kaggle SIIM metric);
@@ -246,7 +246,7 @@ def build_segmentation_model(model_name_or_path: str | None = None, config_overr
 
 
 def image_to_array(image: Image.Image, size: int) -> np.ndarray:
-    """A radiograph (any PIL mode) -> `(3, size, size)` float32, bilinear resize, MRM's normalisation."""
+    """A radiograph (any PIL mode) -> `(3, size, size)` float32, bilinear resize, MRM's normalization."""
     gray = np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
     return np.repeat(((gray - MRM_PIXEL_MEAN) / MRM_PIXEL_STD)[None], 3, axis=0)
 
@@ -483,7 +483,7 @@ def main(argv=None) -> dict:
 
     # Inputs first: nothing is written before they are known good.
     if training_args.do_train and training_args.per_device_train_batch_size < 2:
-        raise ValueError("--per_device_train_batch_size must be >= 2: UperNet's pyramid pooling normalises a 1 x 1 "
+        raise ValueError("--per_device_train_batch_size must be >= 2: UperNet's pyramid pooling normalizes a 1 x 1 "
                          "map with BatchNorm, which needs 2 images per batch in training (MRM: 2 per GPU)")
     data = load_segmentation_data(args)
     train_set = _first(data["train"], args.max_train_samples)

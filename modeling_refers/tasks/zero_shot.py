@@ -105,7 +105,7 @@ def prompts_to_json(prompts: Mapping[str, tuple[str, str]]) -> str:
 def zero_shot_scores(image_embeds: torch.Tensor, positive_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """CheXzero's positive-vs-negative softmax. `image_embeds` `(N, p)`, `positive_embeds` / `negative_embeds`
-    `(C, p)` (any scale: all are L2-normalised here) -> `(N, C)` class probabilities."""
+    `(C, p)` (any scale: all are L2-normalized here) -> `(N, C)` class probabilities."""
     image = torch.nn.functional.normalize(image_embeds, dim=-1)
     pos = image @ torch.nn.functional.normalize(positive_embeds, dim=-1).T
     neg = image @ torch.nn.functional.normalize(negative_embeds, dim=-1).T
@@ -120,7 +120,7 @@ class RefersZeroShotOutput(ModelOutput):
     Args:
         logits_per_image (`(num_images, num_texts)`): cosine similarity / contrastive temperature.
         logits_per_text (`(num_texts, num_images)`): its transpose.
-        image_embeds (`(num_images, projection_dim)`), text_embeds (`(num_texts, projection_dim)`): L2-normalised.
+        image_embeds (`(num_images, projection_dim)`), text_embeds (`(num_texts, projection_dim)`): L2-normalized.
     """
 
     logits_per_image: torch.FloatTensor | None = None

@@ -11,7 +11,7 @@ side, read by the collator when the configuration asks for it (`mrm_report_maski
 - labels: the unmasked ids at every position ([CLS], visible words and padding included), so the report loss is
   the cross-entropy over all of them (`mrm_report_loss_positions="all"`), or only at masked positions ("masked");
 - images: one radiograph per report, RGB, RandomResizedCrop(448, scale 0.2-1.0, bicubic), horizontal flip,
-  grayscale to 3 channels, to [0, 1], normalised with mean 0.4978, std 0.2449 (torchvision.transforms.v2); no
+  grayscale to 3 channels, to [0, 1], normalized with mean 0.4978, std 0.2449 (torchvision.transforms.v2); no
   left/right swap in the report on a flip (the official code has none).
 
 Nothing here is imported by the modeling files (so `trust_remote_code` folders never need torchvision).
@@ -97,7 +97,7 @@ def mask_whole_words_official(input_ids: torch.Tensor, is_continuation: torch.Te
 def official_image_transform(train: bool, size: int = MRM_OFFICIAL_IMAGE_SIZE):
     """MRM's image pipeline (`main_pretrain.py`), torchvision.transforms.v2 on a PIL RGB image: at train
     RandomResizedCrop(size, scale (0.2, 1.0), bicubic) and a horizontal flip, else a bicubic resize to size x size
-    (the official code has no evaluation); then grayscale to 3 channels, [0, 1], normalised with 0.4978 / 0.2449."""
+    (the official code has no evaluation); then grayscale to 3 channels, [0, 1], normalized with 0.4978 / 0.2449."""
     from torchvision.transforms import InterpolationMode, v2
 
     spatial = ([v2.RandomResizedCrop(size, scale=MRM_OFFICIAL_CROP_SCALE, interpolation=InterpolationMode.BICUBIC),

@@ -135,7 +135,7 @@ def build_processor(config: RefersConfig, tokenizer, resize: str = "square") -> 
     """The processor a run saves beside its model: the images as the model was trained on them. By default the
     paper's resize-then-crop at `config.input_image_size` (`processor_sizes`) and mean = std = 0.5; with MRM's official
     image pipeline (`mrm_image_augmentation="official"`) its evaluation transform instead (`official_image_transform`):
-    a bicubic resize to `input_image_size` squared, no crop, normalised with 0.4978 / 0.2449."""
+    a bicubic resize to `input_image_size` squared, no crop, normalized with 0.4978 / 0.2449."""
     if getattr(config, "mrm_image_augmentation", "processor") == "official":
         side = config.input_image_size
         image_processor = RefersImageProcessor(

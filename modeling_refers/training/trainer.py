@@ -417,7 +417,7 @@ class RefersTrainer(Trainer):
 RUN_SIGNATURE_FILE = "run_signature.json"
 
 
-def _normalise_signature(signature: dict) -> dict:
+def _normalize_signature(signature: dict) -> dict:
     return json.loads(json.dumps(signature, sort_keys=True, default=str))
 
 
@@ -467,7 +467,7 @@ def resume_checkpoint(training_args: TrainingArguments, signature: dict | None =
         if os.path.isfile(saved_path):
             with open(saved_path, encoding="utf-8") as handle:
                 saved = json.load(handle)
-        wanted = _normalise_signature(signature)
+        wanted = _normalize_signature(signature)
         if saved != wanted:
             if saved is None:
                 reason = f"it has no {RUN_SIGNATURE_FILE} saying what that run was"
@@ -516,7 +516,7 @@ def write_run_signature(training_args: TrainingArguments, signature: dict) -> No
     the same folder resumes only when it is the same run."""
     if training_args.should_save:
         atomic_write_text(os.path.join(training_args.output_dir, RUN_SIGNATURE_FILE),
-                          json.dumps(_normalise_signature(signature), indent=2, sort_keys=True))
+                          json.dumps(_normalize_signature(signature), indent=2, sort_keys=True))
 
 
 def default_text_encoder_path() -> str | None:
