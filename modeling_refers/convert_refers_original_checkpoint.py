@@ -52,7 +52,8 @@ import torch
 
 from .configuration_refers import AGGREGATION_MODES, RefersConfig
 from .file_utils import write_folder_atomically
-from .loading import REFERS_ONLY_PREFIXES, read_state_dict, resample_position_embeddings, unwrap_state_dict
+from .loading import (REFERS_ONLY_PREFIXES, count_by_module, read_state_dict, resample_position_embeddings,
+                      unwrap_state_dict)
 from .modeling_refers import RefersForImageClassification, RefersModel
 from transformers.utils import logging
 
@@ -128,10 +129,7 @@ class ConversionReport:
 
     def unmapped_by_module(self) -> dict[str, int]:
         """Unmapped tensors counted per top-level module, e.g. `{"textual": 40, "contrastive_bert": 201}`."""
-        counts: dict[str, int] = {}
-        for key in self.unmapped_official_keys:
-            counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + 1
-        return counts
+        return count_by_module(self.unmapped_official_keys)
 
     def __str__(self) -> str:
         reasons = {prefix.rstrip("."): reason for prefix, reason in NOT_CONVERTED_PREFIXES.items()}

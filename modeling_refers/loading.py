@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import pickle
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -291,6 +292,11 @@ def incomplete_weights(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def count_by_module(keys) -> dict[str, int]:
+    """State-dict keys counted per top-level module (the part before the first dot), in order of first appearance."""
+    return dict(Counter(key.split(".")[0] for key in keys))
+
+
 @dataclass
 class CheckpointLoadReport:
     """What `from_pretrained_checked` did: weights newly initialised, checkpoint weights dropped, shape mismatches."""
@@ -301,10 +307,7 @@ class CheckpointLoadReport:
 
     def dropped_by_module(self) -> dict[str, int]:
         """Dropped tensors counted per top-level module, e.g. `{"text_encoder": 104, "report_decoder": 40}`."""
-        counts: dict[str, int] = {}
-        for key in self.dropped_keys:
-            counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + 1
-        return counts
+        return count_by_module(self.dropped_keys)
 
     def __str__(self) -> str:
         dropped = ", ".join(f"{name} ({count} tensors)" for name, count in self.dropped_by_module().items())
@@ -370,6 +373,7 @@ __all__ = [
     "CheckpointLoadReport",
     "TimmLoadReport",
     "convert_timm_vit_state_dict",
+    "count_by_module",
     "from_pretrained_checked",
     "incomplete_weights",
     "load_timm_weights",
