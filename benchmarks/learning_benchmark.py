@@ -9,10 +9,10 @@ pneumonia, official test split):
   (b) a linear probe on frozen features (the feature the fine-tuning classifier's head reads: the fused study
       feature of a one-view study, i.e. the image's pooled feature), scikit-learn LogisticRegression with C chosen
       on the validation split, on the same label subsets (`sample_label_ratio`, same seeds);
-  (c) zero-shot test AUC from the data set's prompts (`zero_shot_refers`), for the methods trained to match studies
+  (c) zero-shot test AUC from the data set's prompts (`tasks.zero_shot`), for the methods trained to match studies
       with reports (refers, joimternet);
   (d) held-out retrieval on the paired validation split (patients and reports never in pretraining): study ->
-      report Recall@1/5/10 (exact report, by `report_id`) and same-finding precision@1 (`retrieval_refers`).
+      report Recall@1/5/10 (exact report, by `report_id`) and same-finding precision@1 (`tasks.retrieval`).
 
 Welch's t-test (scipy) against the random initialisation of the same architecture (ViT methods share one random ViT
 column; RadTex has a random CNN column). Writes `<report>.md`, `<report>.png` and `<report>.json` (default

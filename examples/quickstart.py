@@ -11,7 +11,7 @@ and a check that it learned something, against a random initialisation of the sa
    and report projection.
 3. Score both on the sample's official Kermany test/ folder (patients never seen in pretraining), normal vs
    pneumonia, by ROC-AUC:
-   (a) zero-shot: "There is pneumonia." vs "There is no pneumonia." (`zero_shot_refers`, CheXzero's softmax over
+   (a) zero-shot: "There is pneumonia." vs "There is no pneumonia." (`tasks.zero_shot`, CheXzero's softmax over
        the pair), no label used;
    (b) few labels: a linear probe (scikit-learn logistic regression, C chosen on the validation split) on the frozen
        image features, trained on 10% of the training labels (`sample_label_ratio`), over 3 label draws.

@@ -286,7 +286,7 @@ class RefersTrainer(Trainer):
         super()._save(output_dir, state_dict)
         give_default_modes(output_dir if output_dir is not None else self.args.output_dir)
 
-    # Pushes upload the allow-list of `hub_upload.hub_files` only: no training_args.bin (the token), results or
+    # Pushes upload the allow-list of `hub.upload.hub_files` only: no training_args.bin (the token), results or
     # run files (local paths), per-image files unless `--hub_include_predictions` / `--hub_include_label_ids`.
     def _upload(self, commit_message: str, token: str | None, run_as_future: bool, revision: str | None):
         return upload_model_folder(
@@ -298,7 +298,7 @@ class RefersTrainer(Trainer):
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
         """`Trainer.push_to_hub` (save the model, write the card, upload `--output_dir`), uploading only the files
-        `hub_upload.hub_files` names."""
+        `hub.upload.hub_files` names."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         if model_name is None and self.args.should_save:
