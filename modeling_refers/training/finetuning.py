@@ -435,12 +435,9 @@ def write_label_ids(path: str, train_set, full_train, ratio: float, seed: int) -
 STALE_OUTPUTS = ("results.json", "predictions.csv", "roc_curve.png")
 
 
-def main(argv=None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    # Inputs first: nothing is written into --output_dir before they are known good.
+def locate_data(data_args: DataArguments):
+    """The target data set's registry entry, its rows when `--prepared_data_dir` holds them (else None: loaded after
+    the model arguments are checked) and its source folder; bad arguments raise before anything is read."""
     if not 0.0 < data_args.label_ratio <= 1.0:
         raise ValueError(f"--label_ratio must be in (0, 1], got {data_args.label_ratio}")
     if data_args.resize not in RESIZE_MODES:
@@ -448,61 +445,55 @@ def main(argv=None) -> dict:
     if data_args.dataset_name not in TARGET_DATASETS:
         raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}; valid: {', '.join(sorted(TARGET_DATASETS))}")
     spec = TARGET_DATASETS[data_args.dataset_name]
-    data_options = own_data_options(data_args)
+    own_data_options(data_args)  # refuses the labelled_images options for another data set
     if data_args.prepared_data_dir:
         data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=spec.name)
         data_dir = (data_args.data_dir or read_prepared_metadata(data_args.prepared_data_dir)["source"].get("data_dir")
                     or data_args.prepared_data_dir)
-    else:
-        data_dir = data_args.data_dir or DEFAULT_DATA_DIRS.get(spec.name)
-        if data_dir is None:
-            raise ValueError(f"--data_dir is required for {spec.name} (no sample of it ships with refers)")
-        if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"--data_dir {str(data_dir)!r}: no such folder; expected {spec.name} as distributed")
-    init = check_model_arguments(model_args)
-    set_seed(training_args.seed)
+        return spec, data, data_dir
+    data_dir = data_args.data_dir or DEFAULT_DATA_DIRS.get(spec.name)
+    if data_dir is None:
+        raise ValueError(f"--data_dir is required for {spec.name} (no sample of it ships with refers)")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {str(data_dir)!r}: no such folder; expected {spec.name} as distributed")
+    return spec, None, data_dir
 
-    if not data_args.prepared_data_dir:
-        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir, **data_options)
-    spec = spec.with_labels_of(data["train"])  # labelled_images: label names and problem type from the data
-    full_train, eval_set, test_set = data["train"], data["validation"], data["test"]
+
+def select_splits(data, spec, data_args: DataArguments, training_args: FinetuningArguments):
+    """(training ids file, training rows at --label_ratio or from --label_ids_path, validation rows, test rows), each
+    cut to its --max_*_samples."""
+    full_train = data["train"]
     ids_path = data_args.label_ids_path or os.path.join(training_args.output_dir, "label_ids.json")
     if data_args.label_ids_path:
         train_set = select_by_ids(full_train, data_args.label_ids_path)
-    else:  # deterministic per seed; the chosen ids are written (below) so the run can be repeated exactly
+    else:  # deterministic per seed; the chosen ids are written (by main) so the run can be repeated exactly
         train_set = sample_label_ratio(full_train, data_args.label_ratio, training_args.seed,
                                        label_names=list(spec.label_names))
     train_set = first(train_set, data_args.max_train_samples)
-    eval_set = first(eval_set, data_args.max_eval_samples)
-    test_set = first(test_set, data_args.max_predict_samples)
+    eval_set = first(data["validation"], data_args.max_eval_samples)
+    test_set = first(data["test"], data_args.max_predict_samples)
     logger.info(f"{spec.name}: {len(train_set)} training images (ratio {data_args.label_ratio}), "
                 f"{len(eval_set)} validation, {len(test_set)} test")
+    return ids_path, train_set, eval_set, test_set
 
-    label_kwargs = dict(
-        num_labels=spec.num_labels, problem_type=spec.problem_type,
-        id2label=dict(enumerate(spec.label_names)), label2id={n: i for i, n in enumerate(spec.label_names)},
-    )
-    model = build_model(model_args, label_kwargs)
-    split_dir = data_args.split_dir or resolve_split_dir(data_dir, None, spec.default_split_dir)
-    signature = run_signature(model_args, data_args, training_args, init, data_dir,
-                              split_dir if os.path.isdir(split_dir) else None, train_set, eval_set, test_set)
-    data_description = describe_data(spec, data_dir, data, train_set, eval_set, test_set)
-    checkpoint = None
-    if training_args.do_train:  # raises (writing nothing) when --output_dir holds checkpoints of another run
-        checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
-        if data_args.start_fresh and training_args.should_save:
-            for name in STALE_OUTPUTS:
-                stale = os.path.join(training_args.output_dir, name)
-                if os.path.isfile(stale):
-                    os.remove(stale)
 
-    # From here on the inputs are known good.
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    if training_args.do_train:
-        write_run_signature(training_args, signature)
-    if not data_args.label_ids_path and training_args.should_save:
-        write_label_ids(ids_path, train_set, full_train, data_args.label_ratio, training_args.seed)
+def resume_or_start(training_args: FinetuningArguments, data_args: DataArguments, signature: dict) -> str | None:
+    """The checkpoint to resume from (None: a new run), after `resume_checkpoint` refused (writing nothing) an
+    --output_dir holding checkpoints of another run; --start_fresh also deletes the earlier run's outputs."""
+    if not training_args.do_train:
+        return None
+    checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
+    if data_args.start_fresh and training_args.should_save:
+        for name in STALE_OUTPUTS:
+            stale = os.path.join(training_args.output_dir, name)
+            if os.path.isfile(stale):
+                os.remove(stale)
+    return checkpoint
 
+
+def build_trainer(model, spec, data_args: DataArguments, training_args: FinetuningArguments, train_set, eval_set):
+    """The image processor for the model's size and --resize, and the RefersTrainer (augmenting training collator,
+    plain evaluation collator, mean-AUC metrics)."""
     sizes = processor_sizes(model.config.image_size, data_args.resize)
     warn_if_upscaled(data_args.prepared_data_dir, sizes["size"])
     image_processor = RefersImageProcessor(**sizes)
@@ -519,19 +510,35 @@ def main(argv=None) -> dict:
         optimizer_name=training_args.optimizer,
         adam_betas=PRETRAINING_RECIPES["adamw"]["adam_betas"],  # the same AdamW as pretraining's --recipe adamw
     )
+    return trainer, image_processor
 
-    if training_args.do_train:
-        trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        if training_args.should_save:  # one writer under several processes
-            image_processor.save_pretrained(training_args.output_dir)
-    # The model now holds the checkpoint with the best validation mean AUC (load_best_model_at_end): evaluate it.
-    validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
-    prediction = trainer.predict(test_set, metric_key_prefix="test")
-    scores = scores_from_logits(prediction.predictions, spec.problem_type)
-    auc = multilabel_auc(prediction.label_ids, scores, list(spec.label_names))
-    state = trainer.state
-    results = {
+
+def training_summary(training_args: FinetuningArguments, state) -> dict:
+    """results.json's "training": how far the run went and with which optimization settings."""
+    return {
+        "global_step": state.global_step if training_args.do_train else 0,
+        "epochs": round(float(state.epoch or 0.0), 4) if training_args.do_train else 0.0,
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": training_args.world_size,
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value",
+                                         training_args.lr_scheduler_type)),
+        "warmup_steps": training_args.warmup_steps,
+        "sgd_momentum": training_args.sgd_momentum,
+        "weight_decay": training_args.weight_decay,
+        "max_grad_norm": training_args.max_grad_norm,
+        "best_step": best_step(state.best_model_checkpoint),
+    }
+
+
+def collect_results(spec, model_args, data_args, training_args, init, auc, validation, model, state, train_set,
+                    data_description, ids_path) -> dict:
+    """results.json: test AUCs, the validation mean AUC, where the run started from, its data and training."""
+    start_path = model_args.model_name_or_path or model_args.timm_weights
+    return {
         "dataset": spec.name,
         "label_names": list(spec.label_names),
         "per_class_auc": auc["per_class"],
@@ -542,29 +549,11 @@ def main(argv=None) -> dict:
         "seed": training_args.seed,
         "init": init,
         "init_from": starting_point_name(model_args),
-        "init_from_path": (relative_to_output(model_args.model_name_or_path or model_args.timm_weights,
-                                              training_args.output_dir)
-                           if starting_point_name(model_args) and os.path.exists(
-                               model_args.model_name_or_path or model_args.timm_weights) else None),
+        "init_from_path": (relative_to_output(start_path, training_args.output_dir)
+                           if starting_point_name(model_args) and os.path.exists(start_path) else None),
         "num_train_images": len(train_set),
         "data": data_description,
-        "training": {
-            "global_step": state.global_step if training_args.do_train else 0,
-            "epochs": round(float(state.epoch or 0.0), 4) if training_args.do_train else 0.0,
-            "num_train_epochs": training_args.num_train_epochs,
-            "max_steps": training_args.max_steps,
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-            "world_size": training_args.world_size,
-            "learning_rate": training_args.learning_rate,
-            "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value",
-                                             training_args.lr_scheduler_type)),
-            "warmup_steps": training_args.warmup_steps,
-            "sgd_momentum": training_args.sgd_momentum,
-            "weight_decay": training_args.weight_decay,
-            "max_grad_norm": training_args.max_grad_norm,
-            "best_step": best_step(state.best_model_checkpoint),
-        },
+        "training": training_summary(training_args, state),
         "best_checkpoint": relative_to_output(state.best_model_checkpoint, training_args.output_dir),
         "config": {key: value for key, value in model.config.to_dict().items()
                    if (isinstance(value, (int, float, str, bool)) or value is None)
@@ -572,23 +561,77 @@ def main(argv=None) -> dict:
         "label_ids_path": (relative_to_output(ids_path, training_args.output_dir) if os.path.exists(ids_path)
                            else None),
     }
-    if trainer.is_world_process_zero():
-        atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
-        if training_args.do_predict:
-            write_predictions(os.path.join(training_args.output_dir, "predictions.csv"), test_set["image_id"],
-                              prediction.label_ids, scores, spec.label_names)
-            roc_curve_png(prediction.label_ids, scores, list(spec.label_names),
-                          os.path.join(training_args.output_dir, "roc_curve.png"),
-                          title=f"{spec.name}: test ROC (mean AUC {results['mean_auc'] or float('nan'):.3f})")
-        if training_args.do_train:
-            card = make_model_card(
-                results, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-                base_model=model_args.model_name_or_path if model_args.model_name_or_path and
-                is_hub_id(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path)
-                else None,
-                datasets=[spec.name], repo_id=training_args.hub_model_id)  # the data licence: from the registry
-            save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
-            trainer.model_card = card
+
+
+def write_outputs(trainer, results: dict, spec, model_args, training_args, test_set, prediction, scores) -> None:
+    """On the main process: results.json, with --do_predict the test predictions and ROC curve, after training the
+    model card (also what a push uploads)."""
+    if not trainer.is_world_process_zero():
+        return
+    atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
+    if training_args.do_predict:
+        write_predictions(os.path.join(training_args.output_dir, "predictions.csv"), test_set["image_id"],
+                          prediction.label_ids, scores, spec.label_names)
+        roc_curve_png(prediction.label_ids, scores, list(spec.label_names),
+                      os.path.join(training_args.output_dir, "roc_curve.png"),
+                      title=f"{spec.name}: test ROC (mean AUC {results['mean_auc'] or float('nan'):.3f})")
+    if training_args.do_train:
+        card = make_model_card(
+            results, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            base_model=model_args.model_name_or_path if model_args.model_name_or_path and
+            is_hub_id(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path)
+            else None,
+            datasets=[spec.name], repo_id=training_args.hub_model_id)  # the data licence: from the registry
+        save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
+        trainer.model_card = card
+
+
+def main(argv=None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    # Inputs first: nothing is written into --output_dir before they are known good.
+    spec, data, data_dir = locate_data(data_args)
+    init = check_model_arguments(model_args)
+    set_seed(training_args.seed)
+    if data is None:
+        data = load_target_dataset(spec.name, data_dir, split_dir=data_args.split_dir, **own_data_options(data_args))
+    spec = spec.with_labels_of(data["train"])  # labelled_images: label names and problem type from the data
+    ids_path, train_set, eval_set, test_set = select_splits(data, spec, data_args, training_args)
+
+    label_kwargs = dict(
+        num_labels=spec.num_labels, problem_type=spec.problem_type,
+        id2label=dict(enumerate(spec.label_names)), label2id={n: i for i, n in enumerate(spec.label_names)},
+    )
+    model = build_model(model_args, label_kwargs)
+    split_dir = data_args.split_dir or resolve_split_dir(data_dir, None, spec.default_split_dir)
+    signature = run_signature(model_args, data_args, training_args, init, data_dir,
+                              split_dir if os.path.isdir(split_dir) else None, train_set, eval_set, test_set)
+    data_description = describe_data(spec, data_dir, data, train_set, eval_set, test_set)
+    checkpoint = resume_or_start(training_args, data_args, signature)
+
+    # From here on the inputs are known good.
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    if training_args.do_train:
+        write_run_signature(training_args, signature)
+    if not data_args.label_ids_path and training_args.should_save:
+        write_label_ids(ids_path, train_set, data["train"], data_args.label_ratio, training_args.seed)
+
+    trainer, image_processor = build_trainer(model, spec, data_args, training_args, train_set, eval_set)
+    if training_args.do_train:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        if training_args.should_save:  # one writer under several processes
+            image_processor.save_pretrained(training_args.output_dir)
+    # The model now holds the checkpoint with the best validation mean AUC (load_best_model_at_end): evaluate it.
+    validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
+    prediction = trainer.predict(test_set, metric_key_prefix="test")
+    scores = scores_from_logits(prediction.predictions, spec.problem_type)
+    auc = multilabel_auc(prediction.label_ids, scores, list(spec.label_names))
+    results = collect_results(spec, model_args, data_args, training_args, init, auc, validation, model,
+                              trainer.state, train_set, data_description, ids_path)
+    write_outputs(trainer, results, spec, model_args, training_args, test_set, prediction, scores)
     if training_args.push_to_hub and training_args.do_train:
         trainer.push_to_hub(commit_message=f"REFERS fine-tuned on {spec.name} (mean AUC {results['mean_auc']})")
     return results
