@@ -459,17 +459,17 @@ def describe_start(model_args, config) -> str:
     return ", ".join(parts)
 
 
-def main(argv=None):
+def parse_arguments(argv=None):
+    """(model, data, training) arguments from `argv`, or from the one JSON file the command line names."""
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    check_inputs(model_args, data_args, training_args)
-    set_seed(training_args.seed)
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
 
+
+def load_splits(data_args: DataArguments, training_args: PretrainingArguments):
+    """The training and validation studies (prepared or read from the source folder), cut to --max_*_samples; a run
+    that evaluates needs validation studies."""
     if data_args.prepared_data_dir:
         data = load_prepared_dataset(data_args.prepared_data_dir, dataset_name=data_args.dataset_name)
     else:
@@ -484,29 +484,29 @@ def main(argv=None):
         raise ValueError(f"{data_args.dataset_name} at {data_args.data_dir} has no validation studies; "
                          "pass --eval_strategy no --load_best_model_at_end false, or give it a validation split.")
     logger.info(f"{data_args.dataset_name}: {len(train_set)} training and {len(eval_set)} validation studies")
+    return train_set, eval_set
 
-    # Resume only the same run; refuse (before writing anything) a folder that holds another run.
-    signature = run_signature(model_args, data_args, training_args, train_set, eval_set)
-    checkpoint = None
-    if training_args.do_train:
-        checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
-        if data_args.start_fresh and training_args.should_save:
-            stale = os.path.join(training_args.output_dir, "report_tokenizer")
-            if os.path.isdir(stale):
-                import shutil
 
-                shutil.rmtree(stale)  # the earlier run's vocabulary is not this run's
-    # From here on the inputs are known good.
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    if training_args.do_train:
-        write_run_signature(training_args, signature)
+def resume_or_start(training_args: PretrainingArguments, data_args: DataArguments, signature: dict) -> str | None:
+    """The checkpoint to resume from (None: a new run); refuses (before writing anything) a folder that holds
+    another run. --start_fresh also deletes the earlier run's report tokenizer (its vocabulary is not this run's)."""
+    if not training_args.do_train:
+        return None
+    checkpoint = resume_checkpoint(training_args, signature=signature, start_fresh=data_args.start_fresh)
+    if data_args.start_fresh and training_args.should_save:
+        stale = os.path.join(training_args.output_dir, "report_tokenizer")
+        if os.path.isdir(stale):
+            import shutil
 
-    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir,
-                                                    training_args)
-    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe=training_args.recipe)
+            shutil.rmtree(stale)
+    return checkpoint
+
+
+def build_trainer(model_args, data_args, training_args, model, tokenizer, decoder_tokenizer, train_set, eval_set):
+    """The method's processor (the size the model reads: MRM's super-resolution target is larger than its encoder's
+    input) and the RefersTrainer with the method's collators and the recipe's optimizer."""
     config = model.config
     method = PRETRAINING_METHODS[model_args.method]
-    # the processor delivers the size the model reads (MRM's super-resolution target: larger than its encoder's input)
     processor = build_processor(config, tokenizer, data_args.resize)
     size = processor.image_processor.size
     warn_if_upscaled(data_args.prepared_data_dir, {key: getattr(size, key) for key in ("height", "width", "shortest_edge")
@@ -532,6 +532,53 @@ def main(argv=None):
     logger.info(f"{training_args.world_size} process(es), {training_args.per_device_train_batch_size} studies each per "
                 f"step; FSDP {'on' if trainer.is_fsdp_enabled else 'off'}; global contrastive negatives "
                 f"{'on' if config.contrastive_global_negatives and training_args.world_size > 1 else 'off'}")
+    return trainer, processor
+
+
+def write_run_card(state, config, model_args, data_args, training_args, train_set, eval_set) -> None:
+    """The model card (what was trained on, how long, from where, the checkpoint kept) and pretrain_args.json."""
+    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                   * training_args.world_size)
+    views = sum(len(images) for images in train_set.with_format(None, columns=["images"])["images"])
+    best = (f"; the checkpoint kept is step {os.path.basename(state.best_model_checkpoint).split('-')[-1]}, "
+            f"the lowest validation loss ({state.best_metric:.4f} on {len(eval_set)} studies)"
+            if state.best_model_checkpoint and state.best_metric is not None else "")
+    card = make_model_card(
+        None, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+        datasets=[data_args.dataset_name],
+        training_data=(
+            f"Pretrained on {len(train_set)} studies ({views} radiographs) of "
+            f"{dataset_display_name(data_args.dataset_name)} (folder "
+            f"`{os.path.basename(os.path.normpath(data_args.data_dir))}`): {state.global_step} optimiser steps "
+            f"({state.epoch or 0:.2f} epochs) at batch {total_batch}, method `{model_args.method}`, recipe "
+            f"`{training_args.recipe}`; "
+            f"{describe_start(model_args, config)}{best}."))
+    save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
+    atomic_write_text(os.path.join(training_args.output_dir, "pretrain_args.json"),
+                      json.dumps({"model": vars(model_args), "data": vars(data_args)}, indent=2, default=str))
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    check_inputs(model_args, data_args, training_args)
+    set_seed(training_args.seed)
+    train_set, eval_set = load_splits(data_args, training_args)
+
+    # Resume only the same run; refuse (before writing anything) a folder that holds another run.
+    signature = run_signature(model_args, data_args, training_args, train_set, eval_set)
+    checkpoint = resume_or_start(training_args, data_args, signature)
+    # From here on the inputs are known good.
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    if training_args.do_train:
+        write_run_signature(training_args, signature)
+
+    tokenizer, decoder_tokenizer = build_tokenizers(model_args, train_set["report"], training_args.output_dir,
+                                                    training_args)
+    model = build_model(model_args, data_args, tokenizer, decoder_tokenizer, recipe=training_args.recipe)
+    trainer, processor = build_trainer(model_args, data_args, training_args, model, tokenizer, decoder_tokenizer,
+                                       train_set, eval_set)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # the best checkpoint (lowest validation loss) when load_best_model_at_end
@@ -547,26 +594,7 @@ def main(argv=None):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.do_train and trainer.is_world_process_zero():
-        state = trainer.state
-        total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                       * training_args.world_size)
-        views = sum(len(images) for images in train_set.with_format(None, columns=["images"])["images"])
-        best = (f"; the checkpoint kept is step {os.path.basename(state.best_model_checkpoint).split('-')[-1]}, "
-                f"the lowest validation loss ({state.best_metric:.4f} on {len(eval_set)} studies)"
-                if state.best_model_checkpoint and state.best_metric is not None else "")
-        card = make_model_card(
-            None, model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            datasets=[data_args.dataset_name],
-            training_data=(
-                f"Pretrained on {len(train_set)} studies ({views} radiographs) of "
-                f"{dataset_display_name(data_args.dataset_name)} (folder "
-                f"`{os.path.basename(os.path.normpath(data_args.data_dir))}`): {state.global_step} optimiser steps "
-                f"({state.epoch or 0:.2f} epochs) at batch {total_batch}, method `{model_args.method}`, recipe "
-                f"`{training_args.recipe}`; "
-                f"{describe_start(model_args, config)}{best}."))
-        save_model_card(card, os.path.join(training_args.output_dir, "README.md"))
-        atomic_write_text(os.path.join(training_args.output_dir, "pretrain_args.json"),
-                          json.dumps({"model": vars(model_args), "data": vars(data_args)}, indent=2, default=str))
+        write_run_card(trainer.state, model.config, model_args, data_args, training_args, train_set, eval_set)
     return trainer
 
 
