@@ -281,13 +281,33 @@ def convert_official_state_dict(
     report = ConversionReport(config=config, backbone_prefix=prefix)
     converted: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
-    stray_backbone: list[str] = []
+    _map_backbone(state_dict, prefix, converted, report, consumed)
+    _resample_position_embeddings(converted, expected, config, report)
+    _map_view_gates(state_dict, config, converted, report, consumed)
+    if "head.weight" in state_dict:
+        for leaf in ("weight", "bias"):
+            if f"head.{leaf}" in state_dict:
+                converted[f"classifier.{leaf}"] = state_dict[f"head.{leaf}"]
+                report.mapped[f"head.{leaf}"] = f"classifier.{leaf}"
+                consumed.add(f"head.{leaf}")
+    _check_backbone_shapes(converted, expected, config, report)
+    report.unmapped_official_keys = sorted(key for key in state_dict if key not in consumed)
+    report.missing_keys = sorted(
+        f"{BASE_PREFIX}.{key}" for key in expected if f"{BASE_PREFIX}.{key}" not in converted
+    )
+    return converted, report
 
+
+def _map_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str, converted: dict, report: ConversionReport,
+                  consumed: set) -> None:
+    """The official backbone keys (under `prefix`) -> ours in `converted` (`refers.`-prefixed); ValueError naming the
+    keys that have no place in a REFERS ViT."""
     def put(official: str, ours: str, value: torch.Tensor):
         converted[f"{BASE_PREFIX}.{ours}"] = value
         report.mapped[official] = f"{BASE_PREFIX}.{ours}"
         consumed.add(official)
 
+    stray_backbone: list[str] = []
     layer_pattern = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
     for key, value in state_dict.items():
         if not key.startswith(prefix):
@@ -310,6 +330,10 @@ def convert_official_state_dict(
             f"{sorted(OFFICIAL_TO_REFERS_LAYER_MODULES)}. Is it a hybrid (ResNet + ViT) model?"
         )
 
+
+def _resample_position_embeddings(converted: dict, expected: dict, config: RefersConfig,
+                                  report: ConversionReport) -> None:
+    """Position embeddings of another patch grid than `config`'s are resampled (timm, bicubic), with a note."""
     position_key = f"{BASE_PREFIX}.embeddings.position_embeddings"
     position = converted.get(position_key)
     wanted = expected["embeddings.position_embeddings"]
@@ -322,6 +346,11 @@ def convert_official_state_dict(
             f"(image_size {config.image_size})"
         )
 
+
+def _map_view_gates(state_dict: Mapping[str, torch.Tensor], config: RefersConfig, converted: dict,
+                    report: ConversionReport, consumed: set) -> None:
+    """The official per-view sigmoid gates, stacked into our one `view_fusion.gate` when the config fuses views that
+    way (otherwise a note says the fusion keeps its initialisation)."""
     gates = _find_fusion_gates(state_dict)
     if gates and config.view_fusion == "sigmoid_gate":
         if len(gates) != config.num_views:
@@ -354,14 +383,10 @@ def convert_official_state_dict(
     else:
         report.notes.append("no official view fusion in the checkpoint; view_fusion keeps its initialisation")
 
-    if "head.weight" in state_dict:
-        for leaf in ("weight", "bias"):
-            if f"head.{leaf}" in state_dict:
-                converted[f"classifier.{leaf}"] = state_dict[f"head.{leaf}"]
-                report.mapped[f"head.{leaf}"] = f"classifier.{leaf}"
-                consumed.add(f"head.{leaf}")
 
-    # Shapes against the config.
+def _check_backbone_shapes(converted: dict, expected: dict, config: RefersConfig, report: ConversionReport) -> None:
+    """ValueError naming the official key when a converted backbone weight has no place or another shape in a
+    RefersModel of `config`."""
     for key, value in converted.items():
         if not key.startswith(BASE_PREFIX + "."):
             continue
@@ -378,12 +403,6 @@ def convert_official_state_dict(
                 f"'{official}' has shape {shape} but '{key}' of this config needs {tuple(expected[ours])}; check "
                 "hidden_size / num_hidden_layers / intermediate_size / patch_size / num_views of the config."
             )
-
-    report.unmapped_official_keys = sorted(key for key in state_dict if key not in consumed)
-    report.missing_keys = sorted(
-        f"{BASE_PREFIX}.{key}" for key in expected if f"{BASE_PREFIX}.{key}" not in converted
-    )
-    return converted, report
 
 
 def convert_refers_original_checkpoint(
@@ -430,53 +449,12 @@ def convert_refers_original_checkpoint(
     output_dir = Path(output_dir)
     state_dict = read_state_dict(checkpoint_path, argument="checkpoint_path",
                                  expected="an official REFERS .pth file")
-    if config is None:
-        config = infer_official_config(state_dict, num_attention_heads=num_attention_heads, **(config_overrides or {}))
-    else:
-        if not isinstance(config, RefersConfig):
-            config = RefersConfig.from_pretrained(os.fspath(config))
-        config = copy.deepcopy(config)
-        for name, value in (config_overrides or {}).items():
-            if not hasattr(config, name):
-                raise ValueError(f"config_overrides: RefersConfig has no field {name!r}.")
-            setattr(config, name, value)
-        config.check_architecture()
+    config = _target_config(state_dict, config, num_attention_heads, config_overrides)
     converted, report = convert_official_state_dict(state_dict, config)
     config = report.config
-
     if task == "classification":
-        head = converted.get("classifier.weight")
-        if label_names is not None:
-            label_names = list(label_names)
-            if num_labels is not None and num_labels != len(label_names):
-                raise ValueError(f"num_labels={num_labels} but {len(label_names)} label_names were given.")
-            num_labels = len(label_names)
-        if num_labels is None:
-            if head is None:
-                raise ValueError(
-                    f"{os.fspath(checkpoint_path)!r} has no classifier ('head.weight'); pass num_labels (--num_labels) "
-                    "to start a new one, or use task='backbone'."
-                )
-            num_labels = head.shape[0]
-        if head is not None and (head.ndim != 2 or head.shape[1] != config.hidden_size):
-            raise ValueError(
-                f"The checkpoint's 'head.weight' has shape {tuple(head.shape)}: it reads {head.shape[-1]} features, "
-                f"but RefersForImageClassification's classifier reads the aggregation token ({config.hidden_size}). "
-                "(The official COVID-19 `modeling_2.py` head reads layers 6 and 12 concatenated; it has no "
-                "counterpart here.) Use task='backbone' and fine-tune a new head."
-            )
-        if head is not None and head.shape[0] != num_labels:
-            raise ValueError(
-                f"The checkpoint's 'head.weight' has shape {tuple(head.shape)} but num_labels={num_labels} and "
-                f"hidden_size={config.hidden_size} need ({num_labels}, {config.hidden_size}); pass the matching "
-                "num_labels, or use task='backbone' and fine-tune a new head."
-            )
-        config.num_labels = num_labels
-        if label_names is not None:
-            config.id2label = dict(enumerate(label_names))
-            config.label2id = {name: index for index, name in enumerate(label_names)}
-        if problem_type is not None:
-            config.problem_type = problem_type
+        _set_classifier_config(config, converted.get("classifier.weight"), checkpoint_path, num_labels, label_names,
+                               problem_type)
         model = RefersForImageClassification(config)
         weights = converted
         allowed_missing = tuple(f"{BASE_PREFIX}.{prefix}" for prefix in REFERS_ONLY_PREFIXES) + ("classifier.",)
@@ -491,7 +469,70 @@ def convert_refers_original_checkpoint(
                 report.mapped.pop(official, None)
                 report.unmapped_official_keys = sorted(report.unmapped_official_keys + [official])
         allowed_missing = REFERS_ONLY_PREFIXES
+    _load_converted(model, weights, allowed_missing, report, checkpoint_path)
+    write_folder_atomically(lambda folder: _save_checked(model, folder, save_image_processor), output_dir, overwrite)
+    logger.warning(
+        f"Converted {os.fspath(checkpoint_path)} -> {os.fspath(output_dir)} ({type(model).__name__}):\n{report}"
+    )
+    return output_dir
 
+
+def _target_config(state_dict, config, num_attention_heads: int, config_overrides: Mapping | None) -> RefersConfig:
+    """The config to convert into: inferred from the shapes, or a copy of the given one (or the one a folder holds),
+    `config_overrides` applied; ValueError naming an override RefersConfig does not have."""
+    if config is None:
+        return infer_official_config(state_dict, num_attention_heads=num_attention_heads, **(config_overrides or {}))
+    if not isinstance(config, RefersConfig):
+        config = RefersConfig.from_pretrained(os.fspath(config))
+    config = copy.deepcopy(config)
+    for name, value in (config_overrides or {}).items():
+        if not hasattr(config, name):
+            raise ValueError(f"config_overrides: RefersConfig has no field {name!r}.")
+        setattr(config, name, value)
+    config.check_architecture()
+    return config
+
+
+def _set_classifier_config(config: RefersConfig, head, checkpoint_path, num_labels: int | None,
+                           label_names: Sequence[str] | None, problem_type: str | None) -> None:
+    """Labels and problem type of a classification folder: `num_labels` from the names or the checkpoint's `head`,
+    which must read the aggregation token and have one row per label (ValueError saying what to pass otherwise)."""
+    if label_names is not None:
+        label_names = list(label_names)
+        if num_labels is not None and num_labels != len(label_names):
+            raise ValueError(f"num_labels={num_labels} but {len(label_names)} label_names were given.")
+        num_labels = len(label_names)
+    if num_labels is None:
+        if head is None:
+            raise ValueError(
+                f"{os.fspath(checkpoint_path)!r} has no classifier ('head.weight'); pass num_labels (--num_labels) "
+                "to start a new one, or use task='backbone'."
+            )
+        num_labels = head.shape[0]
+    if head is not None and (head.ndim != 2 or head.shape[1] != config.hidden_size):
+        raise ValueError(
+            f"The checkpoint's 'head.weight' has shape {tuple(head.shape)}: it reads {head.shape[-1]} features, "
+            f"but RefersForImageClassification's classifier reads the aggregation token ({config.hidden_size}). "
+            "(The official COVID-19 `modeling_2.py` head reads layers 6 and 12 concatenated; it has no "
+            "counterpart here.) Use task='backbone' and fine-tune a new head."
+        )
+    if head is not None and head.shape[0] != num_labels:
+        raise ValueError(
+            f"The checkpoint's 'head.weight' has shape {tuple(head.shape)} but num_labels={num_labels} and "
+            f"hidden_size={config.hidden_size} need ({num_labels}, {config.hidden_size}); pass the matching "
+            "num_labels, or use task='backbone' and fine-tune a new head."
+        )
+    config.num_labels = num_labels
+    if label_names is not None:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: index for index, name in enumerate(label_names)}
+    if problem_type is not None:
+        config.problem_type = problem_type
+
+
+def _load_converted(model, weights: dict, allowed_missing: tuple, report: ConversionReport, checkpoint_path) -> None:
+    """Load `weights` into `model` (eval mode after); only keys under `allowed_missing` may be missing (the report
+    lists them in the model's naming)."""
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:  # convert_official_state_dict checked every key; this is a safety net
         raise ValueError(f"Converted keys {result.unexpected_keys} do not exist in {type(model).__name__}.")
@@ -504,28 +545,25 @@ def convert_refers_original_checkpoint(
     report.missing_keys = sorted(result.missing_keys)  # in the naming of the model built
     model.eval()
 
-    def save(folder: Path):
-        model.save_pretrained(folder, safe_serialization=True)
-        if save_image_processor:
-            from .image_processing_refers import RefersImageProcessor
 
-            RefersImageProcessor(
-                size={"shortest_edge": config.image_size},
-                crop_size={"height": config.image_size, "width": config.image_size},
-                image_mean=[0.485, 0.456, 0.406],
-                image_std=[0.229, 0.224, 0.225],
-            ).save_pretrained(folder)
-        # Read the folder back before it is put in place: a folder that does not load is never published.
-        reloaded = type(model).from_pretrained(folder)
-        mine, theirs = model.state_dict(), reloaded.state_dict()
-        if mine.keys() != theirs.keys() or any(not torch.equal(mine[key], theirs[key]) for key in mine):
-            raise RuntimeError(f"The weights written to {os.fspath(folder)!r} do not read back identically.")
+def _save_checked(model, folder: Path, save_image_processor: bool) -> None:
+    """Save `model` (and with `save_image_processor` the official evaluation transform) into `folder`, then read it
+    back: a folder that does not load identically is never published."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if save_image_processor:
+        from .image_processing_refers import RefersImageProcessor
 
-    write_folder_atomically(save, output_dir, overwrite)
-    logger.warning(
-        f"Converted {os.fspath(checkpoint_path)} -> {os.fspath(output_dir)} ({type(model).__name__}):\n{report}"
-    )
-    return output_dir
+        image_size = model.config.image_size
+        RefersImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ).save_pretrained(folder)
+    reloaded = type(model).from_pretrained(folder)
+    mine, theirs = model.state_dict(), reloaded.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[key], theirs[key]) for key in mine):
+        raise RuntimeError(f"The weights written to {os.fspath(folder)!r} do not read back identically.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
