@@ -284,44 +284,10 @@ def prepare_images(
         source: free-form description stored in the metadata (e.g. `{"dataset_name": ..., "data_dir": ...}`).
         overwrite: replace a prepared folder made from another source or with other settings.
     """
-    if isinstance(dataset_or_dict, Dataset):
-        split_name = str(dataset_or_dict.split) if dataset_or_dict.split is not None else "train"
-        dataset_or_dict = DatasetDict({split_name: dataset_or_dict})
-    if not isinstance(dataset_or_dict, DatasetDict):
-        raise TypeError("prepare_images expects a datasets.Dataset or DatasetDict, got "
-                        f"{type(dataset_or_dict).__name__}")
-    if not dataset_or_dict:
-        raise ValueError("prepare_images got an empty DatasetDict (no splits)")
-    if isinstance(short_side, bool) or not isinstance(short_side, (int, np.integer)) or short_side < 1:
-        raise ValueError(f"short_side must be a positive integer, got {short_side!r}")
-    image_format = str(image_format).upper()
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    if num_proc is not None and num_proc < 1:
-        raise ValueError(f"num_proc must be >= 1 or None, got {num_proc}")
-    if rows_per_chunk < 1:
-        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    dataset_or_dict = _as_dataset_dict(dataset_or_dict)
+    image_format = _check_encoding_arguments(short_side, image_format, jpeg_quality, num_proc, rows_per_chunk)
     features = next(iter(dataset_or_dict.values())).features
-    for name, split in dataset_or_dict.items():
-        if split.features != features:
-            raise ValueError(f"split {name!r} has other features than the first split: {split.features} vs {features}")
-    found_columns = image_columns_of(features)
-    if image_columns is None:
-        image_columns = found_columns
-    image_columns = list(image_columns)
-    not_images = [c for c in image_columns if c not in found_columns]
-    if not_images:
-        raise ValueError(f"image_columns {not_images} are not Image() / List(Image()) columns; the data set's image "
-                         f"columns are {found_columns} (all columns: {list(features)})")
-    if not image_columns:
-        raise ValueError(f"the data set has no Image() / List(Image()) column to prepare (columns: {list(features)})")
-    if "boxes" in features:
-        raise ValueError("the data set has a 'boxes' column: box coordinates in pixels of the original images, which "
-                         "prepare_images does not rescale; drop it first (dataset.remove_columns('boxes')) and read "
-                         "the boxes with the originals")
-
+    image_columns = _columns_to_prepare(dataset_or_dict, features, image_columns)
     output_dir = Path(output_dir).absolute()
     metadata = {
         "format": PREPARED_FORMAT,
@@ -353,24 +319,82 @@ def prepare_images(
         for name, split in dataset_or_dict.items():
             prepared[name] = _prepare_split(split.cast(undecoded), name, work, preparer, features, num_proc,
                                             rows_per_chunk)
-        final = work / "final"
-        if final.exists():
-            shutil.rmtree(final)  # a save_to_disk that was interrupted: redone from the chunk caches
-        # One process: the images are encoded already, this only copies Arrow records (and datasets' num_proc here
-        # starts a multiprocess Manager, seconds per split). An empty split gets one (empty) shard: left to
-        # datasets it would get none, and load_from_disk could not read it back.
-        shards = {name: (num_shards.get(name) if isinstance(num_shards, Mapping) else num_shards) for name in prepared}
-        shards = {name: 1 if len(prepared[name]) == 0 else n for name, n in shards.items()}
-        DatasetDict(prepared).save_to_disk(str(final), num_shards=shards)
-        atomic_write_json(final / PREPARED_METADATA_FILE, metadata)
-        if output_dir.exists():  # overwrite=True, or an empty folder: swap it out, then drop it
-            old = work / "replaced"
-            os.replace(output_dir, old)
-        os.replace(final, output_dir)
-        shutil.rmtree(work)
+        _save_and_publish(prepared, work, output_dir, metadata, num_shards)
         logger.info("prepared %s at short side %d (%s) in %s", {n: len(s) for n, s in prepared.items()}, short_side,
                     image_format, output_dir)
     return load_prepared_dataset(output_dir)
+
+
+def _as_dataset_dict(dataset_or_dict) -> DatasetDict:
+    """A `DatasetDict` with at least one split (one `Dataset` becomes the split `dataset.split`, or "train")."""
+    if isinstance(dataset_or_dict, Dataset):
+        split_name = str(dataset_or_dict.split) if dataset_or_dict.split is not None else "train"
+        dataset_or_dict = DatasetDict({split_name: dataset_or_dict})
+    if not isinstance(dataset_or_dict, DatasetDict):
+        raise TypeError("prepare_images expects a datasets.Dataset or DatasetDict, got "
+                        f"{type(dataset_or_dict).__name__}")
+    if not dataset_or_dict:
+        raise ValueError("prepare_images got an empty DatasetDict (no splits)")
+    return dataset_or_dict
+
+
+def _check_encoding_arguments(short_side, image_format, jpeg_quality, num_proc, rows_per_chunk) -> str:
+    """ValueError naming a bad argument of `prepare_images`; returns the upper-case image format."""
+    if isinstance(short_side, bool) or not isinstance(short_side, (int, np.integer)) or short_side < 1:
+        raise ValueError(f"short_side must be a positive integer, got {short_side!r}")
+    image_format = str(image_format).upper()
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1 or None, got {num_proc}")
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    return image_format
+
+
+def _columns_to_prepare(dataset_dict: DatasetDict, features: Features, image_columns) -> list[str]:
+    """The image columns to prepare (default: every `Image()` / `List(Image())` column); errors for splits with other
+    features, columns that are not images, no image column, or a pixel-coordinate `boxes` column."""
+    for name, split in dataset_dict.items():
+        if split.features != features:
+            raise ValueError(f"split {name!r} has other features than the first split: {split.features} vs {features}")
+    found_columns = image_columns_of(features)
+    if image_columns is None:
+        image_columns = found_columns
+    image_columns = list(image_columns)
+    not_images = [c for c in image_columns if c not in found_columns]
+    if not_images:
+        raise ValueError(f"image_columns {not_images} are not Image() / List(Image()) columns; the data set's image "
+                         f"columns are {found_columns} (all columns: {list(features)})")
+    if not image_columns:
+        raise ValueError(f"the data set has no Image() / List(Image()) column to prepare (columns: {list(features)})")
+    if "boxes" in features:
+        raise ValueError("the data set has a 'boxes' column: box coordinates in pixels of the original images, which "
+                         "prepare_images does not rescale; drop it first (dataset.remove_columns('boxes')) and read "
+                         "the boxes with the originals")
+    return image_columns
+
+
+def _save_and_publish(prepared: dict, work: Path, output_dir: Path, metadata: dict, num_shards) -> None:
+    """`save_to_disk` the prepared splits into `work`/final with their metadata, then move them to `output_dir` in one
+    rename (a folder being replaced is swapped out first) and remove `work`."""
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)  # a save_to_disk that was interrupted: redone from the chunk caches
+    # One process: the images are encoded already, this only copies Arrow records (and datasets' num_proc here
+    # starts a multiprocess Manager, seconds per split). An empty split gets one (empty) shard: left to
+    # datasets it would get none, and load_from_disk could not read it back.
+    shards = {name: (num_shards.get(name) if isinstance(num_shards, Mapping) else num_shards) for name in prepared}
+    shards = {name: 1 if len(prepared[name]) == 0 else n for name, n in shards.items()}
+    DatasetDict(prepared).save_to_disk(str(final), num_shards=shards)
+    atomic_write_json(final / PREPARED_METADATA_FILE, metadata)
+    if output_dir.exists():  # overwrite=True, or an empty folder: swap it out, then drop it
+        old = work / "replaced"
+        os.replace(output_dir, old)
+    os.replace(final, output_dir)
+    shutil.rmtree(work)
 
 
 def _existing_output(output_dir: Path, metadata: dict, overwrite: bool) -> DatasetDict | None:

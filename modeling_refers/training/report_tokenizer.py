@@ -46,22 +46,7 @@ def train_report_tokenizer(
     from tokenizers.models import WordPiece
     from tokenizers.trainers import WordPieceTrainer
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(REPORT_SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an int > {len(REPORT_SPECIAL_TOKENS)}, got {vocab_size!r}")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
-    if isinstance(reports, str):
-        raise TypeError("reports must be an iterable of report strings, not one string")
-
-    texts = []
-    for index, report in enumerate(reports):
-        if not isinstance(report, str):
-            raise TypeError(f"report {index} must be a str, got {type(report).__name__}")
-        if report.strip():
-            texts.append(report)
-    if not texts:
-        raise ValueError("train_report_tokenizer got no non-empty report")
-
+    texts = _training_texts(reports, vocab_size, min_frequency)
     backend = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
     backend.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
@@ -101,6 +86,26 @@ def train_report_tokenizer(
             tokenizer.save_pretrained(staging)
             _write_vocab_txt(tokenizer, staging)
     return tokenizer
+
+
+def _training_texts(reports: Iterable[str], vocab_size: int, min_frequency: int) -> list[str]:
+    """The non-blank reports, after checking the arguments (errors name the argument or the report's index)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(REPORT_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be an int > {len(REPORT_SPECIAL_TOKENS)}, got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
+    if isinstance(reports, str):
+        raise TypeError("reports must be an iterable of report strings, not one string")
+
+    texts = []
+    for index, report in enumerate(reports):
+        if not isinstance(report, str):
+            raise TypeError(f"report {index} must be a str, got {type(report).__name__}")
+        if report.strip():
+            texts.append(report)
+    if not texts:
+        raise ValueError("train_report_tokenizer got no non-empty report")
+    return texts
 
 
 def _write_vocab_txt(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
