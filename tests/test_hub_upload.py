@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 
 BASE = ["config.json", "configuration_refers.py", "image_processing_refers.py", "model.safetensors",
-        "modeling_refers.py", "preprocessor_config.json"]
+        "modeling_refers.py", "preprocessor_config.json", "radiograph_io.py"]
 
 
 def test_only_model_files_unless_per_image_files_are_asked_for(model_dir):
