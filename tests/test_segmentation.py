@@ -438,14 +438,18 @@ def test_trainer_evaluates_without_flips_and_keeps_every_image(tmp_path):
 
     model, _ = build_segmentation_model(None, TINY_OVERRIDES, out_indices=[0, 1, 2], rescales=[2, 1, 0.5])
     rows = Dataset.from_dict({"k": list(range(5))})
-    args = SegmentationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=2)
+    args = SegmentationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=2,
+                                         per_device_train_batch_size=2)
     assert args.dataloader_drop_last  # training batches: the pyramid pooling's BatchNorm needs 2 images
-    trainer = SegmentationTrainer(model=model, args=args, eval_dataset=rows,
+    trainer = SegmentationTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
                                   data_collator=SegmentationCollator(32, train=True),
                                   eval_data_collator=SegmentationCollator(32, train=False))
-    train_loader = trainer._get_dataloader(rows, "Training", 2, is_training=True)
+    train_loader = trainer.get_train_dataloader()  # per_device_train_batch_size 2 (set below): 5 rows -> 2 batches
     eval_loader = trainer.get_eval_dataloader(rows)
-    assert len(train_loader) == 2 and len(eval_loader) == 3
+    test_loader = trainer.get_test_dataloader(rows)
+    assert len(train_loader) == 2 and len(eval_loader) == 3 and len(test_loader) == 3
+    assert test_loader.collate_fn.train is False
+    assert trainer.data_collator.train is True and trainer.args.dataloader_drop_last  # restored after evaluation
     assert eval_loader.collate_fn.train is False and train_loader.collate_fn.train is True
 
 

@@ -34,6 +34,7 @@ position table is interpolated (bicubic) at every forward instead of once at loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -335,17 +336,24 @@ class SegmentationTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         super().__init__(*args, **kwargs)
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
-        if is_training:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+    @contextlib.contextmanager
+    def _evaluation_batches(self):
+        """Inside: the no-flip collator and no dropped last batch (the Trainer's public getters read both)."""
         saved = self.data_collator, self.args.dataloader_drop_last
         self.data_collator = self.eval_data_collator or self.data_collator
         self.args.dataloader_drop_last = False
         try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+            yield
         finally:
             self.data_collator, self.args.dataloader_drop_last = saved
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_batches():
+            return super().get_test_dataloader(test_dataset)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.layer_decay != 1.0:
