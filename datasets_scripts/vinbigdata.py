@@ -200,6 +200,36 @@ def _dicom_size(path: Path) -> tuple[int, int]:
     return int(ds.Columns), int(ds.Rows)
 
 
+def _convert_dicom_rows(rows: list[dict], sources: list[str], dicom: list[int], ok: list[bool], invalid,
+                       image_dir: Path, converted_dir, dicom_max_size: int | None, boxes: dict | None) -> None:
+    """Convert the DICOM rows (indices `dicom`) to 8-bit PNG in place: each good row's `image` becomes its PNG,
+    missing or corrupt ones are reported to `invalid` and marked False in `ok`; with `dicom_max_size` the boxes
+    of a downsized image are rescaled to the PNG's pixels."""
+    present = [i for i in dicom if rows[i]["image"].is_file()]
+    for i in sorted(set(dicom) - set(present)):
+        invalid("missing image", f"{sources[i]}: image {rows[i]['image']} not found")
+        ok[i] = False
+    out_dir = Path(converted_dir) if converted_dir is not None else default_converted_dir(image_dir, dicom_max_size)
+    targets = {i: out_dir / f"{rows[i]['image_id']}.png" for i in present}
+    logger.info("vinbigdata: converting %d DICOM files to 8-bit PNG in %s", len(present), out_dir)
+    workers = min(8, os.cpu_count() or 1)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) if len(present) > 64 else \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        errors = list(pool.map(_convert_or_error, [rows[i]["image"] for i in present], [targets[i] for i in present],
+                               [dicom_max_size] * len(present)))
+    for i, err in zip(present, errors):
+        if err is not None:
+            invalid("corrupt image", f"{sources[i]}: image file {rows[i]['image']} is corrupt ({err})")
+            ok[i] = False
+        else:
+            if boxes is not None and dicom_max_size is not None and rows[i]["image_id"] in boxes:
+                width, height = _dicom_size(rows[i]["image"])
+                with PIL.Image.open(targets[i]) as png:
+                    sx, sy = png.width / width, png.height / height
+                boxes[rows[i]["image_id"]] = _scale_boxes(boxes[rows[i]["image_id"]], sx, sy)
+            rows[i]["image"] = targets[i]
+
+
 def load_vinbigdata(
     data_dir: str | os.PathLike,
     split_dir: str | os.PathLike | None = None,
@@ -240,29 +270,7 @@ def load_vinbigdata(
                                             desc="Checking VinBigData images")):
         ok[i] = good
     if dicom:
-        present = [i for i in dicom if rows[i]["image"].is_file()]
-        for i in sorted(set(dicom) - set(present)):
-            invalid("missing image", f"{sources[i]}: image {rows[i]['image']} not found")
-            ok[i] = False
-        out_dir = Path(converted_dir) if converted_dir is not None else default_converted_dir(image_dir, dicom_max_size)
-        targets = {i: out_dir / f"{rows[i]['image_id']}.png" for i in present}
-        logger.info("vinbigdata: converting %d DICOM files to 8-bit PNG in %s", len(present), out_dir)
-        workers = min(8, os.cpu_count() or 1)
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) if len(present) > 64 else \
-                concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            errors = list(pool.map(_convert_or_error, [rows[i]["image"] for i in present], [targets[i] for i in present],
-                                   [dicom_max_size] * len(present)))
-        for i, err in zip(present, errors):
-            if err is not None:
-                invalid("corrupt image", f"{sources[i]}: image file {rows[i]['image']} is corrupt ({err})")
-                ok[i] = False
-            else:
-                if boxes is not None and dicom_max_size is not None and rows[i]["image_id"] in boxes:
-                    width, height = _dicom_size(rows[i]["image"])
-                    with PIL.Image.open(targets[i]) as png:
-                        sx, sy = png.width / width, png.height / height
-                    boxes[rows[i]["image_id"]] = _scale_boxes(boxes[rows[i]["image_id"]], sx, sy)
-                rows[i]["image"] = targets[i]
+        _convert_dicom_rows(rows, sources, dicom, ok, invalid, image_dir, converted_dir, dicom_max_size, boxes)
     rows = [dict(r, image=str(r["image"])) for r, good in zip(rows, ok) if good]
     if boxes is not None:
         for row in rows:
