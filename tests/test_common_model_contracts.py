@@ -2,14 +2,9 @@
 RefersModel, RefersForImageClassification, RefersForPreTraining, MRMForPreTraining, JoImTeRNetForPreTraining and
 RadTexForPreTraining.
 
-Why not the mixin itself: the transformers 5.25.0 sdist ships `tests/test_modeling_common.py`, but not the modules it
-imports (`tests/generation/test_utils.py`, `tests/exporters/test_export.py`, `tests/utils/test_configuration_utils.py`)
-and it needs `parameterized`; its hundreds of tests per class (compile, export, device maps, ...) would also not fit
-two shared CPU cores, and CI allows no skips (REFERS_NO_SKIP=1) where the mixin skips about 200 tests per class
-(GPU, flash attention, ...). So the contracts it checks are written here, one test per contract, parametrized over the
-six classes; where one cannot apply, a test says why, as transformers' own model tests do. (Run ad hoc against the
-vendored mixin, the classes failed only on contracts that transformers' own ViT / ResNet tests override: a
-patch-embedding `get_input_embeddings` that is no `nn.Embedding`, and `test_training` on a base model without loss.)
+The mixin itself runs from `tests/transformers_mixin/` (outside the default suite; see its conftest.py and the
+README's Tests section); this file keeps its contracts in the default suite, one test per contract over the six
+classes, and where one cannot apply, a test says why, as transformers' own model tests do.
 """
 
 import json
