@@ -483,6 +483,57 @@ def _first(dataset, limit):
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
+def _write_overlays(trainer, model, eval_collator, test_set, args, output_dir: str) -> list[dict]:
+    """On the main process, save the first `args.num_overlays` test images with predicted and true masks to
+    `output_dir/overlays/` and return `[{"file", "dice"}]` (an empty list elsewhere or with no overlays)."""
+    overlays = []
+    if trainer.is_world_process_zero() and args.num_overlays > 0:
+        overlay_dir = os.path.join(output_dir, "overlays")
+        os.makedirs(overlay_dir, exist_ok=True)
+        rows = [test_set[index] for index in range(min(args.num_overlays, len(test_set)))]
+        batch = eval_collator(rows)
+        model.eval()
+        with torch.no_grad():
+            predicted = model(pixel_values=batch["pixel_values"].to(model.device)).logits.argmax(1).cpu().numpy()
+        dice = per_image_dice(predicted, batch["labels"].numpy())
+        for index, row in enumerate(rows):
+            name = f"{index:02d}_{os.path.splitext(str(row.get('image_id', index)))[0]}.png"
+            save_overlay(row["image"], predicted[index], batch["labels"][index].numpy(),
+                         os.path.join(overlay_dir, name), size=max(256, args.image_size))
+            overlays.append({"file": os.path.join("overlays", name), "dice": float(dice[index])})
+    return overlays
+
+
+def _results_summary(args, training_args, state, init, signature, validation, test, backbone_config, splits,
+                     overlays) -> dict:
+    """The run's `results.json` content: Dice and loss per split, data, initialisation, backbone and training."""
+    train_set, eval_set, test_set = splits
+    return {
+        "task": "semantic segmentation (pneumothorax)",
+        "data": signature["data"],
+        "init": init,
+        "init_from": args.model_name_or_path,
+        "test_dice": test.get("test_dice"),
+        "validation_dice": validation.get("eval_dice"),
+        "test_loss": test.get("test_loss"),
+        "num_test_images_scored": test.get("test_num_images"),
+        "num_images": {"train": len(train_set), "validation": len(eval_set), "test": len(test_set)},
+        "metric": "MRM's medDice: mean per-image Dice on the pneumothorax class (empty truth: 1 if the prediction is "
+                  "empty, else 0)",
+        "loss": "decode head 2.0 focal + 1.0 Dice, auxiliary head 0.8 focal + 0.4 Dice (MRM's upernet_mrm.py)",
+        "backbone": {"out_features": backbone_config.out_features,
+                     "feature_pyramid_rescales": backbone_config.feature_pyramid_rescales,
+                     "hidden_size": backbone_config.hidden_size, "num_hidden_layers": backbone_config.num_hidden_layers},
+        "image_size": args.image_size,
+        "training": {"global_step": state.global_step, "max_steps": training_args.max_steps,
+                     "learning_rate": training_args.learning_rate, "layer_decay": args.layer_decay,
+                     "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                     "best_checkpoint": (os.path.relpath(state.best_model_checkpoint, training_args.output_dir)
+                                         if state.best_model_checkpoint else None)},
+        "overlays": overlays,
+    }
+
+
 def main(argv=None) -> dict:
     parser = HfArgumentParser((SegmentationArguments, SegmentationTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -537,47 +588,10 @@ def main(argv=None) -> dict:
     validation = trainer.evaluate(eval_set, metric_key_prefix="eval")
     test = trainer.evaluate(test_set, metric_key_prefix="test")
 
-    overlays = []
-    if trainer.is_world_process_zero() and args.num_overlays > 0:
-        overlay_dir = os.path.join(training_args.output_dir, "overlays")
-        os.makedirs(overlay_dir, exist_ok=True)
-        rows = [test_set[index] for index in range(min(args.num_overlays, len(test_set)))]
-        batch = eval_collator(rows)
-        model.eval()
-        with torch.no_grad():
-            predicted = model(pixel_values=batch["pixel_values"].to(model.device)).logits.argmax(1).cpu().numpy()
-        dice = per_image_dice(predicted, batch["labels"].numpy())
-        for index, row in enumerate(rows):
-            name = f"{index:02d}_{os.path.splitext(str(row.get('image_id', index)))[0]}.png"
-            save_overlay(row["image"], predicted[index], batch["labels"][index].numpy(),
-                         os.path.join(overlay_dir, name), size=max(256, args.image_size))
-            overlays.append({"file": os.path.join("overlays", name), "dice": float(dice[index])})
+    overlays = _write_overlays(trainer, model, eval_collator, test_set, args, training_args.output_dir)
 
-    state = trainer.state
-    results = {
-        "task": "semantic segmentation (pneumothorax)",
-        "data": signature["data"],
-        "init": init,
-        "init_from": args.model_name_or_path,
-        "test_dice": test.get("test_dice"),
-        "validation_dice": validation.get("eval_dice"),
-        "test_loss": test.get("test_loss"),
-        "num_test_images_scored": test.get("test_num_images"),
-        "num_images": {"train": len(train_set), "validation": len(eval_set), "test": len(test_set)},
-        "metric": "MRM's medDice: mean per-image Dice on the pneumothorax class (empty truth: 1 if the prediction is "
-                  "empty, else 0)",
-        "loss": "decode head 2.0 focal + 1.0 Dice, auxiliary head 0.8 focal + 0.4 Dice (MRM's upernet_mrm.py)",
-        "backbone": {"out_features": backbone_config.out_features,
-                     "feature_pyramid_rescales": backbone_config.feature_pyramid_rescales,
-                     "hidden_size": backbone_config.hidden_size, "num_hidden_layers": backbone_config.num_hidden_layers},
-        "image_size": args.image_size,
-        "training": {"global_step": state.global_step, "max_steps": training_args.max_steps,
-                     "learning_rate": training_args.learning_rate, "layer_decay": args.layer_decay,
-                     "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                     "best_checkpoint": (os.path.relpath(state.best_model_checkpoint, training_args.output_dir)
-                                         if state.best_model_checkpoint else None)},
-        "overlays": overlays,
-    }
+    results = _results_summary(args, training_args, trainer.state, init, signature, validation, test,
+                               backbone_config, (train_set, eval_set, test_set), overlays)
     if trainer.is_world_process_zero():
         atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
     logger.info(f"test Dice {results['test_dice']}, validation Dice {results['validation_dice']}")
