@@ -241,6 +241,12 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def check_architecture(self):
         """Raise a `ValueError` that names the field when an architecture value is impossible."""
+        self._check_sizes()
+        self._check_modes()
+        self._check_heads_and_objectives()
+
+    def _check_sizes(self):
+        """The integer sizes are positive, and the radiograph transformer's patches and heads divide evenly."""
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size", "num_views", "view_fusion_hidden_size",
                      "decoder_vocab_size", "decoder_hidden_size", "decoder_num_hidden_layers",
@@ -257,6 +263,9 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
+
+    def _check_modes(self):
+        """The backbone is 'vit' or a timm CNN, and the aggregation / pooling / view-fusion choices exist and suit it."""
         if self.backbone != "vit":
             import timm
 
@@ -294,6 +303,9 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"{type(self).__name__}.view_fusion must be one of {VIEW_FUSION_MODES}, got {self.view_fusion!r}."
             )
+
+    def _check_heads_and_objectives(self):
+        """The decoder, projection, contrastive and dropout settings are in range."""
         if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
             raise ValueError(
                 f"{type(self).__name__}.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
