@@ -64,10 +64,10 @@ def test_threshold_to_boxes_drawn_by_hand():
     cam = np.zeros((8, 10))
     cam[1:3, 2:5] = 1.0  # a 2 x 3 blob: columns 2..4, rows 1..2 -> (2, 1, 5, 3)
     cam[6, 8] = 0.8  # one pixel -> (8, 6, 9, 7)
-    cam[5, 0] = 0.4  # below the threshold after normalising (0.4 < 0.5)
+    cam[5, 0] = 0.4  # below the threshold after normalizing (0.4 < 0.5)
     cam[3, 5] = 0.6  # touches the blob's corner (2, 4) diagonally: 8-connected, so it widens it to (2, 1, 6, 4)
     assert map_to_boxes(cam, 0.5) == [(2.0, 1.0, 6.0, 4.0), (8.0, 6.0, 9.0, 7.0)]
-    assert map_to_boxes(10 * cam + 3, 0.5) == map_to_boxes(cam, 0.5)  # normalised to [0, 1] first
+    assert map_to_boxes(10 * cam + 3, 0.5) == map_to_boxes(cam, 0.5)  # normalized to [0, 1] first
     assert map_to_boxes(cam, 0.9) == [(2.0, 1.0, 5.0, 3.0)]
     assert map_to_boxes(cam, 0.3) == [(2.0, 1.0, 6.0, 4.0), (0.0, 5.0, 1.0, 6.0), (8.0, 6.0, 9.0, 7.0)]
     assert map_to_boxes(np.full((4, 4), 0.7)) == []

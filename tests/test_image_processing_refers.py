@@ -49,7 +49,7 @@ def processor():
 
 
 def to_unit(x):
-    """uint8 values -> the processor's default normalisation ((x / 255) - 0.5) / 0.5."""
+    """uint8 values -> the processor's default normalization ((x / 255) - 0.5) / 0.5."""
     return (np.asarray(x, dtype=np.float64) / 255.0 - 0.5) / 0.5
 
 
@@ -253,7 +253,7 @@ def test_eval_is_deterministic_and_train_reproducible_per_seed(processor, covid_
     assert torch.equal(torch.get_rng_state(), state_torch)
     with pytest.raises(ValueError, match="do_train_augment=True needs train_transform"):
         processor(studies, do_train_augment=True)
-    # values stay in the normalised range
+    # values stay in the normalized range
     assert first["pixel_values"].min() >= -1.0 - 1e-6 and first["pixel_values"].max() <= 1.0 + 1e-6
 
 

@@ -1,5 +1,5 @@
 """MRM: exact patch-mask ratio, patchify against transformers' ViT-MAE, the MAE loss by hand (masked patches only,
-per-patch normalisation), the masked-report loss on masked positions only, visible-only encoding, super-resolution,
+per-patch normalization), the masked-report loss on masked positions only, visible-only encoding, super-resolution,
 whole-word report masking on real reports, and `run_pretrain.py --method mrm`."""
 
 import pytest
@@ -58,7 +58,7 @@ def test_masked_patch_loss_by_hand():
     mask = torch.tensor([[1.0, 0.0, 1.0]])  # patches 0 and 2 masked
     # raw: patch 0 ((0-1)^2 + (0-3)^2) / 2 = 5, patch 2 ((1-0)^2 + (-1-4)^2) / 2 = 13 -> (5 + 13) / 2 = 9
     assert masked_patch_loss(target, prediction, mask, norm_pix_loss=False).item() == pytest.approx(9.0)
-    # normalised per patch (unbiased var, eps 1e-6): patch 0 -> (-1, 1) / sqrt(2 + 1e-6) * sqrt(2)... written out:
+    # normalized per patch (unbiased var, eps 1e-6): patch 0 -> (-1, 1) / sqrt(2 + 1e-6) * sqrt(2)... written out:
     def norm(values):
         mean = sum(values) / 2
         var = sum((v - mean) ** 2 for v in values) / 1  # torch.var is unbiased
@@ -282,7 +282,7 @@ def _tiny_tokenizer():
                                   mask_token="[MASK]", sep_token="[SEP]")
 
 
-def test_saved_processor_normalises_as_the_model_was_trained(tmp_path):
+def test_saved_processor_normalizes_as_the_model_was_trained(tmp_path):
     # run_pretrain saves `build_processor(config, ...)`: with MRM's official image pipeline, its evaluation transform
     # (bicubic resize to the 2x target, no crop, mean 0.4978 / std 0.2449), checked against `official_image_transform`
     from PIL import Image

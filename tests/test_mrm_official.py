@@ -1,6 +1,6 @@
 """MRM's official switch (RL4M/MRM-pytorch) checked point by point against hand computations: the WordPiece
 tokenisation ('[CLS] ' as text, no [SEP], 100 tokens), MRM's whole-word masking, the loss over all positions, the
-official image pipeline and its normalisation constants, the fixed 2-D sin-cos tables, the bicubic resize without
+official image pipeline and its normalization constants, the fixed 2-D sin-cos tables, the bicubic resize without
 antialias, the latent entering BERT after its embeddings' LayerNorm, xavier initialisation, the official sizes and
 recipe; and the default (the paper's reading) left as it was."""
 
@@ -141,11 +141,11 @@ def test_labels_all_positions_and_the_report_loss_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Images: augmentation and normalisation
+# Images: augmentation and normalization
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_normalisation_constants_on_a_constant_image():
+def test_normalization_constants_on_a_constant_image():
     assert (MRM_OFFICIAL_PIXEL_MEAN, MRM_OFFICIAL_PIXEL_STD) == (0.4978, 0.2449)
     image = Image.new("RGB", (300, 200), (90, 90, 90))
     for train in (True, False):
@@ -154,7 +154,7 @@ def test_normalisation_constants_on_a_constant_image():
         torch.testing.assert_close(out, torch.full_like(out, (90 / 255 - 0.4978) / 0.2449), rtol=0, atol=1e-6)
 
 
-def test_evaluation_transform_is_bicubic_resize_grayscale_normalise_by_hand(radiographs):
+def test_evaluation_transform_is_bicubic_resize_grayscale_normalize_by_hand(radiographs):
     array = ((radiographs(1, size=40)[0, 0].numpy() + 1) * 127.5).astype(np.uint8)
     rgb = Image.fromarray(np.stack([array, array // 2, array], axis=-1))
     out = official_image_transform(False, size=24)(rgb)

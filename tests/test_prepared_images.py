@@ -42,7 +42,7 @@ MEAN_TOLERANCE, P99_TOLERANCE = 1.5, 10.0
 
 
 def grey_levels(pixel_values) -> np.ndarray:
-    """Processor output (normalised with mean = std = 0.5) -> grey levels 0..255."""
+    """Processor output (normalized with mean = std = 0.5) -> grey levels 0..255."""
     return (np.asarray(pixel_values, dtype=np.float64) * 0.5 + 0.5) * 255.0
 
 

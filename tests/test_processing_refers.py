@@ -101,7 +101,7 @@ def test_trained_tokenizer_on_real_reports(reports, tokenizer_dir, tokenizer):
     ids = tokenizer("No pleural EFFUSION.")["input_ids"]
     assert ids[0] == tokenizer.cls_token_id == 2 and ids[-1] == tokenizer.sep_token_id == 3
     assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["no", "pleural", "effusion", "."]
-    # held-out reports: few unknown tokens, and decoding gives the (normalised) text back
+    # held-out reports: few unknown tokens, and decoding gives the (normalized) text back
     held_out = reports[400:]
     encoded = tokenizer(held_out)["input_ids"]
     unknown = sum(seq.count(tokenizer.unk_token_id) for seq in encoded) / sum(len(seq) for seq in encoded)
