@@ -30,7 +30,13 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mrm import MRMConfig
-from .modeling_refers import RefersBackbone, RefersForImageClassification, RefersForPreTraining, RefersModel
+from .modeling_refers import (
+    AbsentMethod,
+    RefersBackbone,
+    RefersForImageClassification,
+    RefersForPreTraining,
+    RefersModel,
+)
 
 
 def random_patch_masking(num_images: int, num_patches: int, mask_ratio: float, generator=None, device=None,
@@ -107,17 +113,6 @@ class MRMForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class _Absent:
-    """An inherited method this class does not have: `hasattr` is False on the class and its instances (transformers'
-    common tests and pipelines look there), and asking for it raises an `AttributeError` that says why."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, instance, owner=None):
-        raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
-
-
 class MRMBackbone(RefersBackbone):
     """[`RefersBackbone`] for a MRM folder: what `AutoBackbone` loads from it (feature maps for dense heads such as
     UperNet)."""
@@ -157,7 +152,7 @@ class MRMForPreTraining(RefersForPreTraining):
     _no_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has no "
                          "text_projection; its report encoder is `model.text_encoder`.")
 
-    get_text_features = _Absent()
+    get_text_features = AbsentMethod()
 
     def __getattr__(self, name: str):
         if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why

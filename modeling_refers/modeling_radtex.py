@@ -7,18 +7,7 @@ configuration ([`RadTexConfig`], `model_type="radtex"`: `backbone`, `use_view_fu
 """
 
 from .configuration_radtex import RadTexConfig
-from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel
-
-
-class _Absent:
-    """An inherited method this class does not have: `hasattr` is False on the class and its instances (transformers'
-    common tests and pipelines look there), and asking for it raises an `AttributeError` that says why."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, instance, owner=None):
-        raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
+from .modeling_refers import AbsentMethod, RefersForImageClassification, RefersForPreTraining, RefersModel
 
 
 class RadTexModel(RefersModel):
@@ -51,7 +40,7 @@ class RadTexForPreTraining(RefersForPreTraining):
     _no_text_features = ("RadTexForPreTraining has no `get_text_features`: RadTex has no report encoder (it only "
                          "generates reports).")
 
-    get_text_features = _Absent()
+    get_text_features = AbsentMethod()
 
     def __getattr__(self, name: str):
         if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why

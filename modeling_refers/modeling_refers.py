@@ -34,6 +34,17 @@ _GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__).release >= 
 logger = logging.get_logger(__name__)
 
 
+class AbsentMethod:
+    """An inherited method this class does not have: `hasattr` is False on the class and its instances (transformers'
+    common tests and pipelines look there), and asking for it raises an `AttributeError` that says why."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
