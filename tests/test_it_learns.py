@@ -24,11 +24,9 @@ TRAIN_STUDIES, HELD_OUT_STUDIES, STEPS = 800, 200, 200
 
 
 @pytest.fixture(scope="module")
-def paired(request):
-    from conftest import _have_shared_data, _shared_data_dir
-
-    root = _shared_data_dir()
-    if not _have_shared_data() or not (root / "kermany_pneumonia" / "train").is_dir():
+def paired(data_source, shared_data_dir):
+    root = shared_data_dir
+    if data_source != "shared" or not (root / "kermany_pneumonia" / "train").is_dir():
         pytest.skip(f"needs kermany_pneumonia/ and iu_xray/ of the full shared data (not in sample_data/), looked in "
                     f"{root}; point REFERS_SHARED_DATA at it")
     data = load_kermany_paired_reports(root / "kermany_pneumonia", seed=0)

@@ -282,12 +282,11 @@ def _tiny_tokenizer():
                                   mask_token="[MASK]", sep_token="[SEP]")
 
 
-def test_saved_processor_normalizes_as_the_model_was_trained(tmp_path):
+def test_saved_processor_normalizes_as_the_model_was_trained(tmp_path, shared_data_dir):
     # run_pretrain saves `build_processor(config, ...)`: with MRM's official image pipeline, its evaluation transform
     # (bicubic resize to the 2x target, no crop, mean 0.4978 / std 0.2449), checked against `official_image_transform`
     from PIL import Image
 
-    from conftest import _radiograph_dir
     from modeling_refers import MRMConfig, RefersProcessor
     from modeling_refers.training.mrm_official import official_image_transform
     from modeling_refers.training.pretraining import build_processor
@@ -299,7 +298,7 @@ def test_saved_processor_normalizes_as_the_model_was_trained(tmp_path):
     assert list(processor.image_processor.image_mean) == [0.4978] * 3
     assert list(processor.image_processor.image_std) == [0.2449] * 3
     assert processor.image_processor.crop_size.height == 64 and not processor.image_processor.do_center_crop
-    image = Image.open(sorted(_radiograph_dir().glob("*.png"))[0]).convert("RGB").resize((200, 200))
+    image = Image.open(sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[0]).convert("RGB").resize((200, 200))
     pixels = processor(images=[[image]], return_tensors="pt")["pixel_values"].reshape(-1, 3, 64, 64)[0]
     reference = official_image_transform(train=False, size=64)(image)
     assert pixels.shape == reference.shape == (3, 64, 64)

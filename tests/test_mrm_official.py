@@ -27,11 +27,9 @@ SENTENCE = "Heart size is normal, no pneumothorax. Hyperinflation 12345!"
 
 
 @pytest.fixture(scope="module")
-def vocab_file():
-    from conftest import _have_shared_data, _shared_data_dir
-
-    path = _shared_data_dir() / "mrm" / "mimic_wordpiece.json"
-    if not (_have_shared_data() and path.is_file()):
+def vocab_file(data_source, shared_data_dir):
+    path = shared_data_dir / "mrm" / "mimic_wordpiece.json"
+    if not (data_source == "shared" and path.is_file()):
         pytest.skip(f"MRM's tokenizer: needs mrm/mimic_wordpiece.json of the full shared data (looked for {path})")
     return path
 
