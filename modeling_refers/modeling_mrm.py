@@ -31,11 +31,11 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mrm import MRMConfig
 from .modeling_refers import (
-    AbsentMethod,
     RefersBackbone,
     RefersForImageClassification,
     RefersForPreTraining,
     RefersModel,
+    WithoutTextFeatures,
 )
 
 
@@ -138,7 +138,7 @@ class MRMForImageClassification(RefersForImageClassification):
     _loadable_by = MRMModel._loadable_by
 
 
-class MRMForPreTraining(RefersForPreTraining):
+class MRMForPreTraining(WithoutTextFeatures, RefersForPreTraining):
     """MRM pretraining on REFERS's radiograph transformer and BERT report encoder; see the module docstring.
 
     Inputs: studies `(B, V, C, H, W)` + `view_mask` (or images `(B, C, H, W)`), the masked report `input_ids`,
@@ -148,16 +148,9 @@ class MRMForPreTraining(RefersForPreTraining):
 
     config_class = MRMConfig
     _loadable_by = {**MRMModel._loadable_by, "AutoModelForPreTraining": "modeling_mrm.MRMForPreTraining"}
-    # MRM predicts report words; it does not embed whole reports (no `text_projection`): no report embedding (`get_text_features` of REFERS / CLIP): the inherited method is hidden (`hasattr` is False)
-    _no_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has no "
-                         "text_projection; its report encoder is `model.text_encoder`.")
-
-    get_text_features = AbsentMethod()
-
-    def __getattr__(self, name: str):
-        if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why
-            raise AttributeError(self._no_text_features)
-        return super().__getattr__(name)
+    # MRM predicts report words; it does not embed whole reports (no `text_projection`)
+    _no_get_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has "
+                             "no text_projection; its report encoder is `model.text_encoder`.")
 
     def _build_text_encoder(self, config: MRMConfig) -> nn.Module:
         # MRM reads the report tokens, never a pooled report: BERT without its pooler (it would get no gradient)

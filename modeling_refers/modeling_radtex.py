@@ -7,7 +7,7 @@ configuration ([`RadTexConfig`], `model_type="radtex"`: `backbone`, `use_view_fu
 """
 
 from .configuration_radtex import RadTexConfig
-from .modeling_refers import AbsentMethod, RefersForImageClassification, RefersForPreTraining, RefersModel
+from .modeling_refers import RefersForImageClassification, RefersForPreTraining, RefersModel, WithoutTextFeatures
 
 
 class RadTexModel(RefersModel):
@@ -26,7 +26,7 @@ class RadTexForImageClassification(RefersForImageClassification):
     _loadable_by = RadTexModel._loadable_by
 
 
-class RadTexForPreTraining(RefersForPreTraining):
+class RadTexForPreTraining(WithoutTextFeatures, RefersForPreTraining):
     """RadTex pretraining: `loss = loss_report` of REFERS's report decoder reading each view's CNN feature-map cells.
 
     Build the config with [`RadTexForPreTraining.default_config`]; saved folders load with `AutoModel`,
@@ -37,15 +37,8 @@ class RadTexForPreTraining(RefersForPreTraining):
     config_class = RadTexConfig
     _loadable_by = {**RadTexModel._loadable_by, "AutoModelForPreTraining": "modeling_radtex.RadTexForPreTraining"}
     # No report embedding (`get_text_features` of REFERS / CLIP): the inherited method is hidden (`hasattr` is False)
-    _no_text_features = ("RadTexForPreTraining has no `get_text_features`: RadTex has no report encoder (it only "
-                         "generates reports).")
-
-    get_text_features = AbsentMethod()
-
-    def __getattr__(self, name: str):
-        if name == "get_text_features":  # nn.Module's lookup after the property's AttributeError: say why
-            raise AttributeError(self._no_text_features)
-        return super().__getattr__(name)
+    _no_get_text_features = ("RadTexForPreTraining has no `get_text_features`: RadTex has no report encoder (it only "
+                             "generates reports).")
 
     @classmethod
     def default_config(cls, **overrides) -> RadTexConfig:

@@ -45,6 +45,18 @@ class AbsentMethod:
         raise AttributeError(getattr(owner, f"_no_{self.name}", f"{owner.__name__} has no `{self.name}`."))
 
 
+class WithoutTextFeatures:
+    """Mixin (first base) of a pretraining class that embeds no whole report: `get_text_features` of REFERS / CLIP is
+    absent (`hasattr` is False) and asking for it raises the class's `_no_get_text_features` message."""
+
+    get_text_features = AbsentMethod()
+
+    def __getattr__(self, name: str):
+        if name == "get_text_features":  # nn.Module's lookup after the descriptor's AttributeError: say why
+            raise AttributeError(type(self)._no_get_text_features)
+        return super().__getattr__(name)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
