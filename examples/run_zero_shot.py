@@ -28,10 +28,11 @@ import os
 import numpy as np
 
 
-from datasets_scripts import SAMPLE_DATA_DIR, TARGET_DATASETS, load_target_dataset
+from datasets_scripts import TARGET_DATASETS, load_target_dataset
 from modeling_refers.tasks.common import load_pretraining_folder
 from modeling_refers.metrics import multilabel_auc, roc_curve_png
 from modeling_refers.file_utils import atomic_write_text
+from modeling_refers.training.finetuning import DEFAULT_DATA_DIRS  # the sample each target data set defaults to
 from modeling_refers.tasks.zero_shot import (
     auc_bars_png,
     load_prompts,
@@ -42,11 +43,6 @@ from modeling_refers.tasks.zero_shot import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIRS = {
-    "nih_chestxray14": SAMPLE_DATA_DIR / "nih_chestxray14_sample",
-    "covid19": SAMPLE_DATA_DIR / "covid19_collection",
-    "covid19_viral_bacterial": SAMPLE_DATA_DIR / "covid19_collection",
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
