@@ -1,5 +1,7 @@
 """REFERS model configuration."""
 
+import functools
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
@@ -341,6 +343,15 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
         return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
 
     @property
+    def num_recorded_layers(self) -> int:
+        """How many `hidden_states` follow the first one: the radiograph transformer's blocks (`num_hidden_layers`) or,
+        for a timm CNN, its feature levels after the stem's (timm's `feature_info`). transformers' output capturing
+        reads it to resolve negative `output_hidden_states` indices."""
+        if self.backbone == "vit":
+            return self.num_hidden_layers
+        return _timm_feature_levels(self.backbone, self.num_channels) - 1
+
+    @property
     def input_image_size(self) -> int:
         """Side of the images the processor must deliver to the pretraining model (`image_size`; a method that reads
         larger images, e.g. MRM's super-resolution target, overrides it)."""
@@ -350,6 +361,18 @@ class RefersConfig(BackboneConfigMixin, PreTrainedConfig):
     def num_patches(self) -> int:
         """Patches per image: (image_size / patch_size) ** 2."""
         return (self.image_size // self.patch_size) ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_feature_levels(backbone: str, num_channels: int) -> int:
+    """The feature levels timm's `backbone` returns from `forward_intermediates` (built on the meta device: no
+    weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", in_chans=num_channels)
+    return len(model.feature_info)
 
 
 for _name, _fields in DECODER_ALIASES.items():

@@ -150,7 +150,12 @@ class RefersEmbeddings(ViTEmbeddings):
     """
 
 
-class RefersLayer(ViTLayer):
+class RefersHiddenStateLayer:
+    """A module whose output is one of `hidden_states` (transformers' output capturing records it; its first call's
+    input is the first hidden state): a radiograph-transformer block, or a CNN backbone's feature level."""
+
+
+class RefersLayer(ViTLayer, RefersHiddenStateLayer):
     """One pre-LayerNorm transformer block (self-attention + two-layer MLP), `(n, seq, d)` -> `(n, seq, d)`.
 
     With `drop_path_rate` > 0, stochastic depth (timm's `DropPath`) on both residual branches in training: each
@@ -233,8 +238,8 @@ class RefersConvBackbone(nn.Module):
             features = self.model.forward_features(pixel_values)  # timm's checkpointed stages (no hidden states)
         else:  # the same computation (bit-identical), every feature level kept
             features, levels = self.model.forward_intermediates(pixel_values)
-            for level in levels:
-                self.stage_output(level)
+            for previous_level, level in zip(levels, levels[1:]):
+                self.stage_output(previous_level, level)
         cells = features.flatten(2).transpose(1, 2)  # (n, h * w, d)
         return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
 
@@ -261,8 +266,13 @@ def init_timm_cnn_layer(module: nn.Module) -> None:
             init.zeros_(module.bias)
 
 
-class RefersConvStageOutput(nn.Identity):
-    """Marks a CNN backbone's feature level for transformers' output capturing (`hidden_states`)."""
+class RefersConvStageOutput(RefersHiddenStateLayer, nn.Module):
+    """Marks a CNN backbone's feature level for transformers' output capturing (`hidden_states`): `(previous_level,
+    level)` -> `level`, so the first call records the stem's level too, as a transformer's first block records the
+    embeddings. No parameters."""
+
+    def forward(self, previous_level: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return level
 
 
 class RefersRecurrentConcat(nn.Linear):
@@ -398,7 +408,8 @@ class RefersPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # hidden states: the radiograph transformer's (embeddings, then every block) or a CNN's feature levels
     _can_record_outputs = {
-        "hidden_states": [RefersLayer, OutputRecorder(RefersConvStageOutput, capture_initial_hidden_state=False)],
+        # one recorder, so `output_hidden_states=[indices]` resolves them with the config's count of recorded layers
+        "hidden_states": OutputRecorder(RefersHiddenStateLayer, num_hidden_layers_key="num_recorded_layers"),
         "attentions": ViTAttention,
     }
     # forward takes **kwargs for output flags only; the Trainer must still scale the loss for gradient accumulation.

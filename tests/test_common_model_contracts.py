@@ -136,6 +136,26 @@ def test_hidden_states_output(name, via_config):
     assert plain.get("hidden_states") is None  # not asked for: not returned
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_output_hidden_states_selects_layers_by_index(name):
+    """transformers' `test_can_capture_specific_layers_hidden_states`: `output_hidden_states=[0, 2, -1]` returns the
+    full tuple's length with only those entries (negative from the end), the rest None; a CNN's are its feature
+    levels, counted by `config.num_recorded_layers`."""
+    model = build(name).eval()
+    torch.manual_seed(0)
+    full = run(model, name, output_hidden_states=True).hidden_states
+    assert len(full) == model.config.num_recorded_layers + 1
+    torch.manual_seed(0)
+    some = run(model, name, output_hidden_states=[0, 2, -1]).hidden_states
+    assert len(some) == len(full)
+    kept = {0, 2, len(full) - 1}
+    for index, (selected, reference) in enumerate(zip(some, full)):
+        if index in kept:
+            torch.testing.assert_close(selected, reference)
+        else:
+            assert selected is None, index
+
+
 def test_a_cnn_view_encoder_has_no_attentions():
     """RadTex's view encoder is a CNN: no attention to return (transformers' ResNet tests: `has_attentions=False`);
     its report decoder's attentions come as REFERS's (`decoder_attentions`, `cross_attentions`)."""
