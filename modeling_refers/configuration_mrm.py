@@ -50,6 +50,8 @@ class MRMConfig(RefersConfig):
         mrm_decoder_num_attention_heads (`int`, defaults to 16), mrm_decoder_intermediate_size (`int`, defaults to
             2048): the light MAE image decoder (transformers' `ViTMAEDecoder`).
         mrm_report_mask_ratio (`float`, defaults to 0.5): share of report words masked (whole words, by the collator).
+        tie_word_embeddings (`bool`, defaults to `True`): the masked-LM head's output layer is BERT's word embedding
+            matrix (as transformers' BertForMaskedLM and the official code); `False` keeps (and saves) its own.
 
         MRM's official code where it differs (each field: the paper's reading by default, the official value after
         the slash; [`MRMConfig.from_official`] sets them all):

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModel, ViTMAEConfig
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertOnlyMLMHead
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder
 from transformers.utils.output_capturing import capture_outputs
 
@@ -152,6 +152,11 @@ class MRMForPreTraining(WithoutTextFeatures, RefersForPreTraining):
     _no_get_text_features = ("MRMForPreTraining has no `get_text_features`: MRM predicts masked report words and has "
                              "no text_projection; its report encoder is `model.text_encoder`.")
 
+    _report_head_tied_weights_keys = {
+        "report_head.predictions.decoder.weight": "text_encoder.embeddings.word_embeddings.weight",
+        "report_head.predictions.decoder.bias": "report_head.predictions.bias",
+    }
+
     def _build_text_encoder(self, config: MRMConfig) -> nn.Module:
         # MRM reads the report tokens, never a pooled report: BERT without its pooler (it would get no gradient)
         return AutoModel.from_config(config.text_config, add_pooling_layer=False)
@@ -173,9 +178,14 @@ class MRMForPreTraining(WithoutTextFeatures, RefersForPreTraining):
         self.image_decoder = ViTMAEDecoder(mae, num_patches=config.num_patches)
         self.report_condition = nn.Linear(config.hidden_size, config.text_config.hidden_size)
         self.report_head = BertOnlyMLMHead(config.text_config)
-        # BERT ties `predictions.bias` to the output layer's bias when the whole model is tied; standalone, the output
-        # layer keeps its own bias and this copy would sit idle
-        self.report_head.predictions.bias.requires_grad_(False)
+        if config.tie_word_embeddings:
+            # as BertForMaskedLM (and the official MyBertMaskedLM): the masked-LM output layer is BERT's word embedding
+            # matrix, its bias the head's `predictions.bias`; tied copies are not stored
+            self._tied_weights_keys = {**self._tied_weights_keys, **self._report_head_tied_weights_keys}
+            self._keys_to_ignore_on_save = list(self._tied_weights_keys)
+        else:
+            # untied, the output layer keeps its own bias and this copy would sit idle
+            self.report_head.predictions.bias.requires_grad_(False)
         self.text_projection = None  # MRM predicts report words; it does not embed whole reports
         self._freeze_fixed_tables()
 
@@ -192,6 +202,8 @@ class MRMForPreTraining(WithoutTextFeatures, RefersForPreTraining):
         super()._init_weights(module)
         if isinstance(module, ViTMAEDecoder):  # fixed 2-D sin-cos positions, mask token N(0, 0.02), as ViT-MAE
             module.initialize_weights(self.config.num_patches)
+        elif isinstance(module, BertLMPredictionHead):  # its output bias (tied into the decoder Linear), as BERT's
+            init.zeros_(module.bias)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -212,8 +224,8 @@ class MRMForPreTraining(WithoutTextFeatures, RefersForPreTraining):
         """The official initialisation (model_mrm.MRM.initialize_weights on top of BERT's own): xavier-uniform for every
         Linear with zero bias, the encoder's and decoder's q, k, v with the bounds of timm's fused qkv Linear(d, 3d),
         the patch embedding's weight as a Linear (its bias PyTorch's default), class and mask tokens N(0, 0.02),
-        LayerNorms 1 / 0; BERT's word embeddings get the xavier matrix of the masked-LM decoder tied to them (copied
-        here, where the two are separate weights)."""
+        LayerNorms 1 / 0; BERT's word embeddings get the xavier matrix of the masked-LM decoder tied to them (copied,
+        where `tie_word_embeddings=False` keeps the two separate)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 init.xavier_uniform_(module.weight)

@@ -82,6 +82,59 @@ def test_tied_decoder_stores_one_copy_and_reties(tmp_path):
     assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
 
+def tiny_mrm(**overrides):
+    from modeling_refers import MRMConfig
+
+    values = tiny().to_dict()
+    values = {key: values[key] for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                                           "num_attention_heads", "intermediate_size", "text_config")}
+    return MRMConfig(**values, mrm_decoder_hidden_size=16, mrm_decoder_num_hidden_layers=1,
+                     mrm_decoder_num_attention_heads=2, mrm_decoder_intermediate_size=32, **overrides)
+
+
+def mrm_batch(batch):
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, [2, 5]] = batch["input_ids"][:, [2, 5]]
+    return dict(pixel_values=batch["pixel_values"], view_mask=batch["view_mask"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], labels=labels)
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_mrm_masked_lm_head_is_tied_to_the_word_embeddings_and_stays_tied(batch, tmp_path, official):
+    """As BertForMaskedLM (and MRM's official MyBertMaskedLM): one matrix reads and predicts report words, one bias;
+    a training step moves both together, the folder stores one copy and loads tied again."""
+    from modeling_refers import MRMConfig, MRMForPreTraining
+
+    config = MRMConfig.from_official(**tiny_mrm().to_diff_dict()) if official else tiny_mrm()
+    model = MRMForPreTraining(config)
+    head, words = model.report_head.predictions, model.text_encoder.embeddings.word_embeddings
+    assert head.decoder.weight is words.weight and head.decoder.bias is head.bias and head.bias.requires_grad
+    before = words.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.5).zero_grad()
+    model(**mrm_batch(batch), generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert head.bias.grad is not None and head.bias.grad.abs().sum() > 0  # the output bias learns
+    torch.optim.SGD([words.weight], lr=0.5).step()
+    assert not torch.equal(words.weight, before) and head.decoder.weight is words.weight
+    model.save_pretrained(tmp_path)
+    assert "report_head.predictions.decoder.weight" not in load_file(tmp_path / "model.safetensors")
+    reloaded = MRMForPreTraining.from_pretrained(tmp_path)
+    assert reloaded.report_head.predictions.decoder.weight is reloaded.text_encoder.embeddings.word_embeddings.weight
+    assert torch.equal(reloaded.text_encoder.embeddings.word_embeddings.weight, words.weight)
+
+
+def test_mrm_untied_masked_lm_head_is_its_own_saved_weight(tmp_path):
+    from modeling_refers import MRMForPreTraining
+
+    model = MRMForPreTraining(tiny_mrm(tie_word_embeddings=False))
+    head, words = model.report_head.predictions, model.text_encoder.embeddings.word_embeddings
+    assert head.decoder.weight is not words.weight and not head.bias.requires_grad  # the idle copy is frozen
+    model.save_pretrained(tmp_path)
+    assert "report_head.predictions.decoder.weight" in load_file(tmp_path / "model.safetensors")
+    reloaded = MRMForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.report_head.predictions.decoder.weight, head.decoder.weight)
+    assert reloaded.report_head.predictions.decoder.weight is not reloaded.text_encoder.embeddings.word_embeddings.weight
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Output flags, tuples, attention implementations
 # ---------------------------------------------------------------------------------------------------------------------
