@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_refers import RefersConfig, RefersForPreTraining
+from modeling_refers.file_utils import atomic_write_text
 
 
 def rss_bytes() -> int:
@@ -69,7 +70,7 @@ def make_batch(config: RefersConfig, batch_size: int, report_length: int, device
     }
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=2, help="studies per step (paper: 32)")
     parser.add_argument("--report_length", type=int, default=100)
@@ -86,7 +87,11 @@ def main():
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute every layer in backward")
     parser.add_argument("--no_flops", action="store_true",
                         help="skip the FLOP-counting pass (and MFU): one step less, for the large-batch memory runs")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
     config = RefersConfig(attn_implementation=args.attn_implementation)
@@ -152,8 +157,7 @@ def main():
     for key, value in result.items():
         print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -648,27 +648,8 @@ def main(argv=None) -> dict:
         return _run(args, argv, out, pretrain_extra, finetune_extra, families, began)
 
 
-def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> dict:
-    import torch
-    from tqdm.auto import tqdm
-
-    stages = ([f"pretrain {m}" for m in args.methods] + [f"{s} {f}" for f in families for s in ("finetune", "probe")
-                                                          if s not in args.skip]
-              + [f"{s} {m}" for m in args.methods if m in TEXT_METHODS for s in ("zero_shot", "retrieval")
-                 if s not in args.skip])
-    progress = tqdm(total=len(stages), desc="learning benchmark", unit="stage")
-
-    def step(name: str) -> None:
-        progress.set_postfix_str(name)
-        progress.update(1)
-
-    folders, wall_times = {}, []
-    for method in args.methods:
-        folders[method], seconds = pretrain(method, out, args, pretrain_extra)
-        wall_times.append(("pretrain", method, seconds))
-        step(f"pretrain {method}")
-
-    data = load_target(args.data_dir)
+def _measure_families(args, out, folders, data, families, finetune_extra, wall_times, step) -> tuple[list, list]:
+    """Fine-tuning cells and linear probes of every architecture family's methods and its random initialisation."""
     finetune, probe = [], []
     for family in families:
         mine = [m for m in args.methods if FAMILY[m] == family]
@@ -693,9 +674,18 @@ def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> di
                 wall_times.append(("linear probe (features + fits)", f"{init} ({family})",
                                    sum(r["wall_s"] for r in results if r["init"] == init)))
             step(f"probe {family}")
+    return finetune, probe
 
-    zero, retrieved = {}, {}
-    paired = None
+
+def _load_paired(args):
+    from datasets_scripts import load_source_dataset
+
+    return load_source_dataset("kermany_paired_reports", args.data_dir)
+
+
+def _measure_text(args, out, folders, data, wall_times, step) -> tuple[dict, dict, object]:
+    """Zero-shot AUC and held-out retrieval of the methods that match studies with reports (the others: why not)."""
+    zero, retrieved, paired = {}, {}, None
     for method in args.methods:
         if method not in TEXT_METHODS:
             zero[method] = retrieved[method] = {"reason": NO_TEXT_REASON[method]}
@@ -705,42 +695,67 @@ def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> di
             wall_times.append(("zero-shot", method, zero[method]["wall_s"]))
             step(f"zero_shot {method}")
         if "retrieval" not in args.skip:
-            if paired is None:
-                from datasets_scripts import load_source_dataset
-
-                paired = load_source_dataset("kermany_paired_reports", args.data_dir)
+            paired = paired if paired is not None else _load_paired(args)
             retrieved[method] = retrieval(method, folders[method], out, paired["validation"])
             wall_times.append(("retrieval", method, retrieved[method]["wall_s"]))
             step(f"retrieval {method}")
-    progress.close()
+    return zero, retrieved, paired
 
-    if paired is None:
-        from datasets_scripts import load_source_dataset
 
-        paired = load_source_dataset("kermany_paired_reports", args.data_dir)
+def _settings(args, out, paired, data, finetune, probe, families, pretrain_extra, finetune_extra) -> dict:
+    """The report's `settings`: what was run, on which data and device."""
+    import torch
+
     pretrain_argvs = {m: pretrain_argv(m, out / "pretrain" / m, args, pretrain_extra) for m in args.methods}
     max_train = {int(flag_value(a, "--max_train_samples", 0) or 0) for a in pretrain_argvs.values()}
     used = sorted({min(n, len(paired["train"])) if n else len(paired["train"]) for n in max_train})
     per_ratio = {f"{100 * r:g}%": sorted({c["num_train_images"] for c in finetune if c["label_ratio"] == r}
                                          | {int(p["num_train_images"]) for p in probe if p["label_ratio"] == r})
                  for r in args.ratios}
+    return {
+        "data_dir": os.path.relpath(Path(args.data_dir).resolve(), REPO), "ratios": args.ratios,
+        "seeds": args.seeds, "methods": args.methods, "vit": args.vit, "cnn": args.cnn,
+        "pretrain_argv": pretrain_argvs,
+        "finetune_argv": {f: finetune_argv(f, finetune_extra) for f in families},
+        "probe_c_grid": list(PROBE_C_GRID),
+        "pretrain_studies": (f"{'/'.join(map(str, used))} of {len(paired['train'])} training studies used "
+                             f"(one radiograph each), {len(paired['validation'])} held-out validation studies "
+                             f"with {len(set(paired['validation']['report_id']))} distinct reports"),
+        "target_images": (f"{len(data['train'])} training / {len(data['validation'])} validation / "
+                          f"{len(data['test'])} test images"),
+        "train_images_per_ratio": per_ratio,
+        "device": ("GPU " + torch.cuda.get_device_name(0)) if torch.cuda.is_available()
+        else f"CPU, {torch.get_num_threads()} torch threads",
+    }
+
+
+def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> dict:
+    from tqdm.auto import tqdm
+
+    stages = ([f"pretrain {m}" for m in args.methods] + [f"{s} {f}" for f in families for s in ("finetune", "probe")
+                                                          if s not in args.skip]
+              + [f"{s} {m}" for m in args.methods if m in TEXT_METHODS for s in ("zero_shot", "retrieval")
+                 if s not in args.skip])
+    progress = tqdm(total=len(stages), desc="learning benchmark", unit="stage")
+
+    def step(name: str) -> None:
+        progress.set_postfix_str(name)
+        progress.update(1)
+
+    folders, wall_times = {}, []
+    for method in args.methods:
+        folders[method], seconds = pretrain(method, out, args, pretrain_extra)
+        wall_times.append(("pretrain", method, seconds))
+        step(f"pretrain {method}")
+    data = load_target(args.data_dir)
+    finetune, probe = _measure_families(args, out, folders, data, families, finetune_extra, wall_times, step)
+    zero, retrieved, paired = _measure_text(args, out, folders, data, wall_times, step)
+    progress.close()
+
+    paired = paired if paired is not None else _load_paired(args)
     report = {
         "command": "python benchmarks/learning_benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {
-            "data_dir": os.path.relpath(Path(args.data_dir).resolve(), REPO), "ratios": args.ratios,
-            "seeds": args.seeds, "methods": args.methods, "vit": args.vit, "cnn": args.cnn,
-            "pretrain_argv": pretrain_argvs,
-            "finetune_argv": {f: finetune_argv(f, finetune_extra) for f in families},
-            "probe_c_grid": list(PROBE_C_GRID),
-            "pretrain_studies": (f"{'/'.join(map(str, used))} of {len(paired['train'])} training studies used "
-                                 f"(one radiograph each), {len(paired['validation'])} held-out validation studies "
-                                 f"with {len(set(paired['validation']['report_id']))} distinct reports"),
-            "target_images": (f"{len(data['train'])} training / {len(data['validation'])} validation / "
-                              f"{len(data['test'])} test images"),
-            "train_images_per_ratio": per_ratio,
-            "device": ("GPU " + torch.cuda.get_device_name(0)) if torch.cuda.is_available()
-            else f"CPU, {torch.get_num_threads()} torch threads",
-        },
+        "settings": _settings(args, out, paired, data, finetune, probe, families, pretrain_extra, finetune_extra),
         "finetune": summarise(finetune), "probe": summarise(probe), "zero_shot": zero, "retrieval": retrieved,
         "finetune_cells": finetune, "probe_cells": probe,
         "wall_times": wall_times, "total_wall_s": sum(w[2] for w in wall_times),
@@ -751,7 +766,6 @@ def _run(args, argv, out, pretrain_extra, finetune_extra, families, began) -> di
     plot(report, Path(f"{args.report}.png"))
     print(markdown(report))
     return report
-
 
 if __name__ == "__main__":
     main()
