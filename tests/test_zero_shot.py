@@ -18,6 +18,7 @@ from modeling_refers.tasks.common import load_pretraining_folder
 from modeling_refers.tasks.zero_shot import (
     DEFAULT_PROMPTS,
     RefersForZeroShotImageClassification,
+    as_studies,
     load_prompts,
     prompts_to_json,
     zero_shot_classify,
@@ -155,3 +156,68 @@ def test_run_zero_shot_covid_with_a_prompts_file(checkpoint, shared_data_dir, tm
         bad.write_text(json.dumps({"non-COVID-19": ["a", "b"]}))
         _run_zero_shot(["--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "d"),
                         "--dataset_name", "covid19", "--prompts_file", str(bad)])
+
+
+@pytest.fixture(scope="module")
+def zero_shot_model(checkpoint):
+    model = RefersForZeroShotImageClassification.from_pretrained(checkpoint).eval()
+    assert model.config.use_view_fusion and model.config.num_views == 3 and not model.config.use_study_projection
+    return model
+
+
+def test_as_studies_pads_single_images_as_the_processor_does(checkpoint, nih_images, zero_shot_model):
+    # A batch of 2 single images becomes what the processor makes of 2 one-view studies: each image repeated to
+    # the 3 views, a view mask of int64 ones; studies (5-D) and their mask pass through unchanged.
+    _, processor, _ = load_pretraining_folder(checkpoint, need_text_encoder=True)
+    batch = processor(images=[[str(p)] for p in nih_images[:2]], do_train_augment=False)
+    images = batch["pixel_values"][:, 0]
+    assert not torch.equal(images[0], images[1])
+    studies, mask = as_studies(images, None, zero_shot_model.config)
+    assert studies.shape == batch["pixel_values"].shape and torch.equal(studies, batch["pixel_values"])
+    assert mask.dtype == batch["view_mask"].dtype == torch.long and torch.equal(mask, batch["view_mask"])
+    given_mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    passed, passed_mask = as_studies(batch["pixel_values"], given_mask, zero_shot_model.config)
+    assert passed is batch["pixel_values"] and passed_mask is given_mask
+
+
+def test_forward_needs_both_texts_and_images(zero_shot_model):
+    ids, pixels = torch.tensor([[2, 5, 3]]), torch.zeros(1, 3, 32, 32)
+    for inputs in ({"pixel_values": pixels}, {"input_ids": ids}):
+        with pytest.raises(ValueError, match="needs `input_ids` .* and `pixel_values`"):
+            zero_shot_model(**inputs)
+
+
+def test_forward_outputs_equal_features_computed_by_hand_and_ignore_padded_views(zero_shot_model):
+    model = zero_shot_model
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    # Study 0: one real view + 2 padded slots; study 1: two real views + 1 padded slot. Padding holds garbage.
+    studies = torch.randn(2, 3, 3, 32, 32, generator=g) * 5
+    studies[0, 0], studies[1, 0], studies[1, 1] = images
+    view_mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    other_garbage = studies.clone()
+    other_garbage[0, 1:] = torch.randn(2, 3, 32, 32, generator=g) * 5
+    other_garbage[1, 2] = -studies[1, 2]
+    input_ids = torch.randint(5, model.config.text_config.vocab_size, (4, 7), generator=g)
+    attention_mask = torch.ones(4, 7, dtype=torch.long)
+    attention_mask[1, 4:] = 0
+    attention_mask[3, 2:] = 0
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=studies, attention_mask=attention_mask, view_mask=view_mask)
+        again = model(input_ids=input_ids, pixel_values=other_garbage, attention_mask=attention_mask,
+                      view_mask=view_mask)
+        # By hand: study 0 is the single image as a one-view study (the fusion's single-image path, no projection);
+        # texts through get_text_features, divided by their L2 norm.
+        single = model.refers(images[:1]).study_embeds[0]
+        text = model.get_text_features(input_ids, attention_mask).pooler_output
+    text = text / text.norm(dim=1, keepdim=True)
+    assert torch.allclose(out.image_embeds[0], single / single.norm(), atol=1e-5)
+    assert torch.allclose(out.image_embeds, again.image_embeds, atol=1e-5)  # padded slots change nothing
+    assert torch.allclose(out.image_embeds.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(out.text_embeds, text, atol=1e-5)
+    assert torch.allclose(out.text_embeds.norm(dim=1), torch.ones(4), atol=1e-5)
+    tau = model.config.contrastive_temperature
+    assert tau == 0.1  # RefersConfig's default, which the tiny checkpoint keeps
+    expected = torch.stack([torch.stack([out.image_embeds[i] @ text[j] for j in range(4)]) for i in range(2)]) / 0.1
+    assert out.logits_per_image.shape == (2, 4) and torch.allclose(out.logits_per_image, expected, atol=1e-4)
+    assert out.logits_per_text is not None and torch.equal(out.logits_per_text, out.logits_per_image.T)
