@@ -13,7 +13,7 @@ from PIL import Image
 from downstream_checkpoint import make_tiny_pretraining_checkpoint
 from modeling_refers.tasks.common import load_pretraining_folder
 from modeling_refers.metrics import retrieval_metrics
-from modeling_refers.tasks.retrieval import retrieve, same_text_relevance, top_k
+from modeling_refers.tasks.retrieval import retrieve, same_text_relevance, study_embeddings, top_k
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -59,6 +59,16 @@ def test_top_k_order():
     assert top_k(np.array(HAND), 2).tolist() == [[0, 2], [0, 2], [1, 3], [0, 1]]
 
 
+def test_top_k_ties_keep_the_lower_index_first():
+    # 40 candidates, 39 of them tied (enough that numpy's default, unstable sort reorders them): the best one first,
+    # then the tied ones in index order. Row 1 ties everything: plain index order.
+    row = np.full(40, 0.5)
+    row[30] = 0.9
+    assert top_k(np.stack([row, np.full(40, 0.2)]), 12).tolist() == [[30] + list(range(11)), list(range(12))]
+    # Unsigned similarities are ranked by value too (negating uint8 would wrap 0 around to the top).
+    assert top_k(np.array([[0, 5, 3]], dtype=np.uint8), 3).tolist() == [[1, 2, 0]]
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="square"):
         retrieval_metrics(np.zeros((2, 3)))
@@ -92,6 +102,54 @@ def test_similarity_is_the_pretraining_logits_times_temperature(checkpoint, test
     torch.testing.assert_close(out.similarity, logits * model.config.contrastive_temperature, atol=1e-5, rtol=1e-4)
     np.testing.assert_equal(out.metrics["ranks"]["image_to_report"],
                             retrieval_metrics(logits.numpy(), out.relevance.numpy())["ranks"]["image_to_report"])
+
+
+def test_study_embeddings_ignore_padded_views(checkpoint):
+    model, _, _ = load_pretraining_folder(checkpoint, need_text_encoder=True)
+    assert model.config.use_view_fusion and model.config.num_views == 3 and not model.config.use_study_projection
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(3, 32, 32, generator=g)
+    # Study 0: one real view and two padded slots holding garbage; study 1: the same view, other garbage in the pad.
+    studies = torch.randn(2, 3, 3, 32, 32, generator=g) * 5
+    studies[:, 0] = image
+    view_mask = torch.tensor([[1, 0, 0], [1, 0, 0]])
+    with torch.no_grad():
+        got = study_embeddings(model, studies, view_mask)
+        # By hand: the image alone through the radiograph transformer's single-image path (no study projection),
+        # divided by its L2 norm.
+        single = model.refers(image[None]).study_embeds[0]
+        unmasked = study_embeddings(model, studies)  # all three slots read as views
+    assert torch.allclose(got, torch.stack([single, single]) / single.norm(), atol=1e-5)
+    assert not torch.allclose(unmasked[0], got[0], atol=1e-3)  # the garbage would matter if it were read
+
+
+def test_retrieve_uses_the_given_relevance_and_ks(checkpoint, test_studies):
+    model, processor, _ = load_pretraining_folder(checkpoint, need_text_encoder=True)
+    # 6 studies against 3 reports (those of studies 0, 2, 4): studies 2c and 2c+1 both go with report c. Relevance
+    # given as 0/1 integers.
+    reports = [test_studies["report"][i] for i in (0, 2, 4)]
+    relevance = [[1 if i // 2 == c else 0 for c in range(3)] for i in range(6)]
+    out = retrieve(model, processor, test_studies["images"], reports, relevance=relevance, batch_size=4, ks=(1, 2))
+    assert out.relevance.dtype == torch.bool and out.relevance.tolist() == [[bool(x) for x in r] for r in relevance]
+    # Report embeddings by hand: get_text_features of the tokenized reports, divided by their L2 norm.
+    batch = processor(text=reports, return_tensors="pt")
+    with torch.no_grad():
+        text = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+    torch.testing.assert_close(out.report_embeds, text / text.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.similarity, out.study_embeds @ out.report_embeds.T)
+    sim = out.similarity.numpy()
+    # Ranks by hand (ties count against the query). Study i: its report i // 2 against the other two reports.
+    i2r = [1 + sum(sim[i, j] >= sim[i, i // 2] for j in range(3) if j != i // 2) for i in range(6)]
+    # Report c: the better of studies 2c, 2c+1 against the four other studies.
+    r2i = [1 + sum(sim[r, c] >= max(sim[2 * c, c], sim[2 * c + 1, c]) for r in range(6) if r // 2 != c)
+           for c in range(3)]
+    assert out.metrics["ranks"] == {"image_to_report": i2r, "report_to_image": r2i}
+    for name, ranks in (("image_to_report", i2r), ("report_to_image", r2i)):
+        m = out.metrics[name]
+        assert set(m) == {"R@1", "R@2", "median_rank", "mean_rank", "num_queries"}
+        assert m["R@1"] == pytest.approx(100.0 * np.mean(np.array(ranks) <= 1))
+        assert m["R@2"] == pytest.approx(100.0 * np.mean(np.array(ranks) <= 2))
+        assert m["num_queries"] == len(ranks)
 
 
 def test_run_retrieval_end_to_end(checkpoint, shared_data_dir, tmp_path):

@@ -58,6 +58,22 @@ def test_prompts_files_and_errors(tmp_path):
         assert len(DEFAULT_PROMPTS[name]) == spec_labels
 
 
+def test_prompts_dict_errors_name_prompts_and_files_are_read_as_utf8(tmp_path, monkeypatch):
+    labels = ["COVID-19", "non-COVID-19"]
+    # A dict (no file) is named "prompts" in the errors.
+    with pytest.raises(ValueError, match="^prompts: no prompts for label 'non-COVID-19'"):
+        load_prompts({"COVID-19": ("covid", "not covid")}, labels)
+    with pytest.raises(ValueError, match="^prompts: label 'non-COVID-19' needs a non-empty positive and negative"):
+        load_prompts({"COVID-19": ("covid", "not covid"), "non-COVID-19": ("other", " ")}, labels)
+    # A UTF-8 file reads the same under a non-UTF-8 locale (as cp1252 on Windows): io.text_encoding is what
+    # pathlib asks for the encoding when none is given.
+    path = tmp_path / "prompts.json"
+    prompts = {"COVID-19": ("Opacité en verre dépoli.", "Poumons normaux."), "non-COVID-19": ("Pneumonie…", "Rien.")}
+    path.write_bytes(json.dumps({k: list(v) for k, v in prompts.items()}, ensure_ascii=False).encode("utf-8"))
+    monkeypatch.setattr("io.text_encoding", lambda encoding, stacklevel=2: encoding or "cp1252")
+    assert load_prompts(path, labels) == prompts
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shared_data_dir):
     return make_tiny_pretraining_checkpoint(tmp_path_factory.mktemp("ckpt"), shared_data_dir / "covid19_collection")
