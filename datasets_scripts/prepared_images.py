@@ -123,11 +123,11 @@ class _ImagePreparer:
             return None
         path, data = value.get("path"), value.get("bytes")
         where = path or "an image given as bytes"
-        source = PIL.Image.open(io.BytesIO(data)) if data is not None else path
-        if source is None:
+        if data is None and path is None:
             raise ValueError(f"an image value has neither 'bytes' nor 'path': {value!r}")
         processor = self._get_processor()
-        try:
+        try:  # opening the bytes too: bytes that are not an image are named like a file that is not one
+            source = PIL.Image.open(io.BytesIO(data)) if data is not None else path
             array = processor.process_image(source, do_convert_rgb=True, do_jpeg_draft=self.jpeg_draft,
                                             do_resize=True, size=processor.size)
         except (OSError, ValueError, TypeError) as err:

@@ -9,6 +9,7 @@ same operations; otherwise limits set between what two good antialiased downscal
 19-25), which is checked to fail them.
 """
 
+import io
 import json
 import os
 import shutil
@@ -314,6 +315,62 @@ def test_an_interrupted_preparation_resumes_from_its_finished_chunks(shared_data
     decoded.clear()
     prepare_images(rows, tmp_path / "other", short_side=64, rows_per_chunk=2)
     assert len(decoded) == 6
+
+
+# ---------------------------------------------------------------------------------------------- one image
+def _preparer(short_side: int, list_columns=()) -> "prepared_images._ImagePreparer":
+    columns = ["images"] if list_columns else ["image"]
+    return prepared_images._ImagePreparer(columns, list(list_columns), short_side, "PNG", 95, True)
+
+
+def test_an_image_given_as_bytes_is_prepared_like_its_file(shared_data_dir):
+    png = shared_data_dir / "nih_chestxray14_sample" / "images" / "00000001_000.png"  # 64 x 64 "L"
+    jpeg = shared_data_dir / "covid19_collection" / "images" / "000001-12.jpg"  # 265 x 256 "L"
+    preparer = _preparer(32)
+    for path in (png, jpeg):
+        from_bytes = preparer.prepare_one({"bytes": path.read_bytes(), "path": None})
+        from_file = preparer.prepare_one({"bytes": None, "path": str(path)})
+        assert from_bytes["path"] is None  # no file name to keep
+        assert from_file["path"] == path.name  # the file's name, not its folder
+        assert from_bytes["bytes"] == from_file["bytes"]  # the same PNG either way (JPEG drafted either way)
+        with Image.open(path) as original:
+            width, height = original.size
+        with Image.open(io.BytesIO(from_bytes["bytes"])) as image:
+            assert image.format == "PNG" and image.mode == "L"
+            # short side 32, long side int(32 * long / short): 64 x 64 -> 32 x 32, 265 x 256 -> 33 x 32
+            assert image.size == (int(32 * width / height), 32)
+            if path == png:  # a square PNG: PIL's own bilinear resize of the file is the reference
+                with Image.open(png) as original:
+                    reference = original.convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+                np.testing.assert_array_equal(np.asarray(image), np.asarray(reference))
+
+
+def test_an_unreadable_image_is_named_in_the_error(shared_data_dir):
+    good = (shared_data_dir / "covid19_collection" / "images" / "000001-12.jpg").read_bytes()
+    preparer = _preparer(32)
+    for data in (b"not an image at all", good[: len(good) // 3]):  # not an image; a truncated real JPEG
+        with pytest.raises(OSError, match="^preparing image an image given as bytes: "):
+            preparer.prepare_one({"bytes": data, "path": None})
+        with pytest.raises(OSError, match="^preparing image some/folder/broken.jpg: "):
+            preparer.prepare_one({"bytes": data, "path": "some/folder/broken.jpg"})
+    with pytest.raises(ValueError, match="neither 'bytes' nor 'path'"):
+        preparer.prepare_one({"bytes": None, "path": None})
+
+
+def test_a_study_without_views_stays_none_beside_prepared_studies(shared_data_dir):
+    paths = [str(p) for p in sorted((shared_data_dir / "covid19_collection" / "images").glob("*.jpg"))[:3]]
+    studies = [[{"bytes": None, "path": paths[0]}, {"bytes": None, "path": paths[1]}], None,
+               [{"bytes": None, "path": paths[2]}]]
+    preparer = _preparer(32, list_columns=["images"])
+    out = preparer(studies)
+    assert list(out) == ["images"] and out["images"][1] is None
+    assert [[v["path"] for v in views] for views in (out["images"][0], out["images"][2])] == \
+        [[Path(paths[0]).name, Path(paths[1]).name], [Path(paths[2]).name]]
+    for views, prepared in ((studies[0], out["images"][0]), (studies[2], out["images"][2])):
+        for view, image in zip(views, prepared):  # each view as prepare_one prepares it alone
+            assert image["bytes"] == preparer.prepare_one(view)["bytes"]
+            with Image.open(io.BytesIO(image["bytes"])) as decoded:
+                assert min(decoded.size) == 32
 
 
 # --------------------------------------------------------------------------------------------------- errors
