@@ -426,3 +426,25 @@ def test_prepare_images_cli_on_a_target_data_set(shared_data_dir, tmp_path):
     assert list(cli.main(argv)["train"]["image_id"]) == list(source["train"]["image_id"])  # second run: no-op
     with pytest.raises(SystemExit):
         cli.main(["--dataset_name", "covid19", "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(out_dir)])
+
+
+def test_fixed_length_studies_and_per_split_shards_are_kept(shared_data_dir, tmp_path):
+    """A `List(Image(), length=2)` column keeps its fixed length, and `num_shards={split: n}` gives each split its
+    own number of Arrow files (counted in the saved folder)."""
+    from datasets import Features, List, Value
+
+    jpegs = sorted((shared_data_dir / "covid19_collection" / "images").glob("*.jpg"))[:12]
+    features = Features({"study_id": Value("string"), "images": List(ImageFeature(), length=2)})
+
+    def split(start, count):
+        return Dataset.from_dict({"study_id": [f"s{start + i}" for i in range(count)],
+                                  "images": [[str(jpegs[2 * (start + i)]), str(jpegs[2 * (start + i) + 1])]
+                                             for i in range(count)]}, features=features)
+
+    prepared = prepare_images(DatasetDict({"train": split(0, 4), "validation": split(4, 2)}), tmp_path / "fixed",
+                              short_side=64, num_shards={"train": 2, "validation": 1})
+    for name in ("train", "validation"):
+        assert prepared[name].features["images"].length == 2
+        assert all(len(views) == 2 for views in prepared[name]["images"])
+    counts = {name: len(list((tmp_path / "fixed" / name).glob("*.arrow"))) for name in ("train", "validation")}
+    assert counts == {"train": 2, "validation": 1}
