@@ -121,6 +121,36 @@ def test_super_resolution_target(radiographs, studies):
     torch.testing.assert_close(out.loss_image, masked_patch_loss(patchify(real, 16), out.reconstruction, out.mask))
 
 
+def test_super_resolution_encoder_input_is_bilinear_with_antialias_by_default(radiographs):
+    """The paper's reading (the default): the 2x target image reaches the encoder resized bilinear with antialias."""
+    model = MRMForPreTraining(tiny_config(mrm_reconstruction_size=64))
+    assert (model.config.mrm_resize_mode, model.config.mrm_resize_antialias) == ("bilinear", True)
+    images = radiographs(2, size=64)
+    interpolate = torch.nn.functional.interpolate
+    expected = interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    # on a real radiograph the antialias matters: without it, 2x bilinear is a plain 2 x 2 mean
+    assert not torch.allclose(expected, interpolate(images, size=(32, 32), mode="bilinear", antialias=False,
+                                                    align_corners=False))
+    assert torch.equal(model.encoder_inputs(images), expected)
+
+
+@pytest.mark.parametrize("hidden_act, activation", [("relu", torch.relu), ("silu", torch.nn.functional.silu)])
+def test_image_decoder_follows_the_models_layer_norm_eps_and_activation(hidden_act, activation):
+    torch.manual_seed(0)
+    decoder = MRMForPreTraining(tiny_config(layer_norm_eps=1e-5, hidden_act=hidden_act)).image_decoder
+    norms = [module for module in decoder.modules() if isinstance(module, torch.nn.LayerNorm)]
+    assert len(norms) == 3 and all(norm.eps == 1e-5 for norm in norms)  # before / after attention, and the final one
+    # the LayerNorm's output is that of eps 1e-5 (a low-variance input, where eps matters)
+    x = torch.randn(2, 5, 16) * 1e-3
+    final = decoder.decoder_norm
+    torch.testing.assert_close(final(x), torch.nn.functional.layer_norm(x, (16,), final.weight, final.bias, eps=1e-5))
+    # the MLP is fc2(activation(fc1(x))) with the model's activation
+    mlp = decoder.decoder_layers[0].mlp
+    x = torch.randn(2, 5, 16) * 3
+    torch.testing.assert_close(mlp(x), mlp.fc2(activation(mlp.fc1(x))))
+    assert not torch.allclose(activation(mlp.fc1(x)), torch.nn.functional.gelu(mlp.fc1(x)))  # not ViT-MAE's default
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(mrm_mask_ratio=1.0), r"mrm_mask_ratio must be in \(0, 1\)"),
     (dict(mrm_mask_ratio=0.0), r"mrm_mask_ratio must be in \(0, 1\)"),
