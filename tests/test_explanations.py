@@ -5,6 +5,7 @@ ChestX-ray14 images with NIH's official boxes."""
 import json
 import shutil
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ from modeling_refers.tasks.explanations import (
     attention_maps,
     best_iou,
     box_iou,
+    explanation_maps,
     grad_cam_maps,
     localise,
     map_to_boxes,
@@ -60,6 +62,19 @@ def test_iou_of_known_boxes():
         box_iou([(4, 0, 0, 4)], [a])
 
 
+def test_iou_of_degenerate_boxes():
+    # A zero-width (x_max == x_min) or zero-height box is allowed (only max < min is refused): area 0, so its
+    # intersection with any box is 0 -- even a line through the middle of a box -- and its IoU is 0.
+    a = (0, 0, 4, 4)
+    lines = [(2, 0, 2, 4), (4, 1, 4, 3), (0, 2, 4, 2)]  # vertical through a, on a's right edge, horizontal through a
+    assert box_iou(lines, [a, (1, 1, 3, 3), (3, 0, 9, 9)]).tolist() == [[0.0] * 3] * 3
+    assert box_iou([a], lines).tolist() == [[0.0] * 3] and best_iou(lines, a) == 0.0
+    with pytest.raises(ValueError, match="boxes_b: every box needs x_max >= x_min"):
+        box_iou([a], [(2.0, 0, 1.999, 4)])
+    with pytest.raises(ValueError, match="boxes_a: every box needs"):
+        box_iou([(0, 3, 4, 2)], [a])
+
+
 def test_threshold_to_boxes_drawn_by_hand():
     cam = np.zeros((8, 10))
     cam[1:3, 2:5] = 1.0  # a 2 x 3 blob: columns 2..4, rows 1..2 -> (2, 1, 5, 3)
@@ -73,6 +88,21 @@ def test_threshold_to_boxes_drawn_by_hand():
     assert map_to_boxes(np.full((4, 4), 0.7)) == []
     with pytest.raises(ValueError, match="threshold"):
         map_to_boxes(cam, 0.0)
+
+
+def test_float32_map_is_normalised_exactly_enough():
+    # Grad-CAM maps are float32. Here the middle pixel lies just below the midpoint of the other two, so it is
+    # below the 0.5 threshold after min-max (checked with exact fractions), but float32 arithmetic rounds its
+    # normalised value up to 0.5: the map must be normalised in float64, giving one box on the last pixel only.
+    cam = np.array([[0.016527636, 0.4148989, 0.8132702]], dtype=np.float32)
+    low, middle, high = (Fraction(float(v)) for v in cam[0])
+    assert (middle - low) / (high - low) < Fraction(1, 2)
+    assert (cam[0, 1] - cam[0, 0]) / (cam[0, 2] - cam[0, 0]) == np.float32(0.5)  # what float32 would keep
+    assert map_to_boxes(cam, 0.5) == [(2.0, 0.0, 3.0, 1.0)]
+    assert map_to_boxes(cam.astype(np.float64), 0.5) == [(2.0, 0.0, 3.0, 1.0)]
+    # an integer map is min-max normalised like the same values as floats
+    ints = np.array([[0, 5, 10, 4], [0, 0, 0, 7]], dtype=np.uint8)
+    assert map_to_boxes(ints, 0.5) == [(1.0, 0.0, 4.0, 2.0)] == map_to_boxes(ints.astype(np.float64), 0.5)
 
 
 def test_summaries_and_scaling():
@@ -155,18 +185,50 @@ def test_grad_cam_on_a_cnn_backbone(radiographs):
         grad_cam_maps(cnn, pixels, [0, 2])
 
 
+@pytest.mark.parametrize("method, library_class", [("gradcam++", "GradCAMPlusPlus"), ("xgradcam", "XGradCAM")])
+def test_each_cam_method_is_the_library_class(radiographs, method, library_class):
+    """grad_cam_maps / explanation_maps with `method` give what pytorch-grad-cam's own class gives when driven as
+    its README shows (model returning logits, target layer, reshape of the ViT tokens, ClassifierOutputTarget), and
+    not plain Grad-CAM's maps."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).logits
+
+    model = tiny_classifier()
+    pixels = radiographs(3, size=32)
+    classes = [1, 4, 9]
+    with getattr(pytorch_grad_cam, library_class)(model=Logits(model),
+                                                  target_layers=[model.base_model.layers[-1].layernorm_before],
+                                                  reshape_transform=vit_reshape_transform((4, 4))) as cam:
+        reference = cam(input_tensor=pixels, targets=[ClassifierOutputTarget(c) for c in classes])
+    maps = grad_cam_maps(model, pixels, classes, method=method)
+    np.testing.assert_allclose(maps, reference, atol=1e-5)
+    np.testing.assert_allclose(explanation_maps(model, pixels, classes, method), reference, atol=1e-5)
+    assert np.abs(maps - grad_cam_maps(model, pixels, classes)).max() > 0.05  # not the default method's maps
+
+
 def test_attention_maps_match_the_model_attentions(radiographs):
     model = tiny_classifier()
     pixels = radiographs(2, size=32)
     before = model.config._attn_implementation
     last, rolled = attention_maps(model, pixels), attention_maps(model, pixels, rollout=True)
     assert model.config._attn_implementation == before  # restored
+    # explanation_maps: "attention" is the last layer's attention, "rollout" the rollout (class-agnostic)
+    by_name = explanation_maps(model, pixels, [0, 3], "attention"), explanation_maps(model, pixels, [0, 3], "rollout")
     model.set_attn_implementation("eager")
     with torch.no_grad():
         attn = [a.mean(dim=1) for a in model(pixels, output_attentions=True).attentions]  # (B, 17, 17) per layer
     eye = torch.eye(17)
     step = [(0.5 * a + 0.5 * eye) / (0.5 * a + 0.5 * eye).sum(-1, keepdim=True) for a in attn]
-    for got, weights in ((last, attn[-1][:, 0, 1:]), (rolled, (step[1] @ step[0])[:, 0, 1:])):
+    for got, weights in ((last, attn[-1][:, 0, 1:]), (rolled, (step[1] @ step[0])[:, 0, 1:]),
+                         (by_name[0], attn[-1][:, 0, 1:]), (by_name[1], (step[1] @ step[0])[:, 0, 1:])):
         for m, w in zip(got, weights.reshape(-1, 4, 4).numpy()):
             w = (w - w.min()) / (1e-7 + (w - w.min()).max())
             np.testing.assert_allclose(m, cv2.resize(np.float32(w), (32, 32)), atol=1e-5)
@@ -209,6 +271,25 @@ def test_localise_on_real_boxes(shared_data_dir, bbox_file):
     with pytest.raises(ValueError, match="no class"):
         other = tiny_classifier(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
         next(localise(other, RefersImageProcessor(**processor_sizes(32)), [str(paths[names[0]])], [boxes[names[0]]]))
+
+
+def test_localise_takes_colour_images_of_any_shape(shared_data_dir):
+    # A real radiograph cropped to 48 wide x 64 high, given as an (H, W, 3) array, an RGB PIL image and (H, W) grey:
+    # the true box is scaled by 32/48 across and 32/64 down, and the colour copies are explained like the grey one.
+    path = sorted((shared_data_dir / "nih_chestxray14_sample" / "images").glob("*.png"))[0]
+    with Image.open(path) as image:
+        grey = np.asarray(image.convert("L"))[:, 8:56]
+    assert grey.shape == (64, 48)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    box = {"label": "Atelectasis", "x_min": 6.0, "y_min": 16.0, "x_max": 30.0, "y_max": 48.0}
+    entries = list(localise(tiny_classifier(), RefersImageProcessor(**processor_sizes(32)),
+                            [rgb, Image.fromarray(rgb, "RGB"), grey], [[box]] * 3, methods=("gradcam",)))
+    assert [e["image_id"] for e in entries] == ["0", "1", "2"]
+    for entry in entries:
+        assert entry["truth"] == [pytest.approx((4.0, 8.0, 20.0, 24.0))]
+        assert entry["predicted"] == map_to_boxes(entry["cam"], 0.5)
+        np.testing.assert_allclose(entry["cam"], entries[2]["cam"], atol=1e-5)
+        torch.testing.assert_close(entry["pixel_values"], entries[2]["pixel_values"])
 
 
 def test_run_explain_end_to_end(shared_data_dir, bbox_file, tmp_path):
