@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -118,6 +119,56 @@ def test_single_label_class_ids_are_scored_one_vs_rest():
 def test_bad_input_raises_naming_the_argument(references, scores, kwargs, match):
     with pytest.raises(ValueError, match=match):
         multilabel_auc(references, scores, **kwargs)
+
+
+def test_torch_scores_that_require_grad_are_accepted():
+    # np.asarray cannot convert a tensor that requires grad: the tensor must be detached first.
+    rng = np.random.default_rng(6)
+    references = (rng.random((30, 3)) < 0.5).astype(int)
+    scores = torch.tensor(rng.random((30, 3)), dtype=torch.float32, requires_grad=True)
+    result = multilabel_auc(references, scores)
+    expected = roc_auc_score(references, scores.detach().numpy(), average=None)
+    np.testing.assert_allclose(list(result["per_class"].values()), expected, rtol=0, atol=1e-12)
+
+
+def test_bad_input_messages_name_the_argument_its_type_and_the_bad_values():
+    with pytest.raises(ValueError, match=r"^`scores` must be numeric array-like, got list: "):
+        multilabel_auc([[0, 1]], [["x", "y"]])
+    with pytest.raises(ValueError, match=r"^`references` must be numeric array-like, got tuple: "):
+        multilabel_auc((("x", "y"),), [[0.1, 0.2]])
+    # The first non-finite score in row-major order is named: row 2, class 1 (the inf at row 3 comes later).
+    scores = np.zeros((4, 3))
+    scores[2, 1], scores[3, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"first at row 2, class 1\)$"):
+        multilabel_auc(np.zeros((4, 3)), scores)
+    # Multi-hot references with values other than 0/1: only those are listed, sorted, at most five of them.
+    references = np.array([[0, 1, 2], [1, -1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match=re.escape("must contain only 0 and 1, found [-1.0, 2.0]") + "$"):
+        multilabel_auc(references, np.zeros((3, 3)))
+    references = np.array([[7, 0, 1, 3], [0, 6, 1, -1], [5, 4, 2, 0]])
+    invalid = sorted({float(v) for v in references.ravel() if v not in (0, 1)})  # -1, 2, 3, 4, 5, 6, 7
+    with pytest.raises(ValueError, match=re.escape(f"found {invalid[:5]}") + "$"):
+        multilabel_auc(references, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"^single-label `references` must be integer class ids$"):
+        multilabel_auc(np.array([0, 0.5, 1, 2]), np.zeros((4, 3)))
+
+
+def test_undefined_auc_warning_names_each_class_constant_and_points_at_the_caller():
+    # One example: every class is undefined, and the warning gives that example's label for each class.
+    with pytest.warns(UndefinedAUCWarning) as record:
+        result = multilabel_auc([[1, 0, 1]], [[0.3, 0.4, 0.5]], label_names=["a", "b", "c"])
+    assert result == {"per_class": {"a": None, "b": None, "c": None}, "mean_auc": None, "undefined": ["a", "b", "c"]}
+    assert len(record) == 1
+    assert "3 of 3 classes" in str(record[0].message)
+    assert "'a' (all 1), 'b' (all 0), 'c' (all 1);" in str(record[0].message)
+    assert record[0].filename == __file__  # stacklevel: the line that called multilabel_auc
+
+
+def test_load_multilabel_auc_metric_passes_its_arguments_to_evaluate_load():
+    default = load_multilabel_auc_metric()
+    assert default.experiment_id != "refers-test" and not default.keep_in_memory
+    metric = load_multilabel_auc_metric(experiment_id="refers-test", keep_in_memory=True)
+    assert metric.experiment_id == "refers-test" and metric.keep_in_memory
 
 
 def test_evaluate_module_gives_the_same_numbers_in_process():

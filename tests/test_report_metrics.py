@@ -89,10 +89,30 @@ def test_meteor_runs_with_java_or_says_why_not(monkeypatch):
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="references.*2.*predictions.*1"):
         report_generation_metrics(["a"], ["a", "b"], meteor=False)
-    with pytest.raises(TypeError, match="predictions"):
+    with pytest.raises(TypeError, match="^`predictions` must be a list of generated report strings, not one string"):
         report_generation_metrics("a report", ["a"], meteor=False)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^`predictions` is empty"):
         report_generation_metrics([], [], meteor=False)
+    # An empty reference group, or one holding a non-string, is refused naming its index.
+    for group in ([], ["fine", 3]):
+        with pytest.raises(ValueError, match=r"^`references\[1\]` must be a report string or a non-empty list"):
+            report_generation_metrics(["a", "b"], ["a", group], meteor=False)
+
+
+def test_missing_pycocoevalcap_names_the_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # makes `import pycocoevalcap` raise ImportError
+    message = r"^report_generation_metrics needs `pycocoevalcap`: pip install pycocoevalcap"
+    with pytest.raises(ImportError, match=message):
+        report_generation_metrics(["a b"], ["a b"], meteor=False)
+
+
+def test_meteor_available_looks_for_java(monkeypatch):
+    # pycocoevalcap is installed (the scorers above run), so with `java` on PATH METEOR can run; only `java` counts.
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java" if name == "java" else None)
+    assert meteor_available() == (True, "")
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "java" else "/usr/bin/" + name)
+    available, why = meteor_available()
+    assert not available and "`java` is not on PATH" in why
 
 
 # ------------------------------------------------------------------------------------------ generation end to end

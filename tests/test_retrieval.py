@@ -76,6 +76,20 @@ def test_bad_inputs_are_named():
         retrieval_metrics(np.zeros((2, 2)), [[True, False], [False, False]])
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics([[np.nan, 0.0], [0.0, 1.0]])
+    # Every study has a match, but report (column) 1 is nobody's.
+    with pytest.raises(ValueError, match=r"`relevance`: report \(column\) 1 has no relevant match \(1 in all\)"):
+        retrieval_metrics(np.zeros((2, 2)), [[True, False], [True, False]])
+    for ks in ([0], [1, 0, 5], ()):
+        with pytest.raises(ValueError, match="`ks` must be positive integers"):
+            retrieval_metrics(np.eye(2), ks=ks)
+
+
+def test_relevance_given_as_0_1_integers_is_a_mask():
+    # The matrices of test_ties_count_against_the_query_and_shared_reports_count_once with relevance as 0/1 ints:
+    # the same hand-counted ranks (ints used as indices instead of a mask would pick the wrong candidates).
+    sim = [[0.2, 0.9, 0.1], [0.3, 0.1, 0.8], [0.7, 0.6, 0.5]]
+    m = retrieval_metrics(sim, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert m["ranks"] == {"image_to_report": [1, 2, 3], "report_to_image": [2, 1, 2]}
 
 
 # --------------------------------------------------------------------------------------------- model end to end
