@@ -184,3 +184,40 @@ def test_run_generate_refuses_a_folder_without_a_checkpoint(tmp_path):
         sys.path.remove(str(EXAMPLES))
     with pytest.raises(FileNotFoundError, match="--model_name_or_path.*config.json"):
         run_generate.main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+def test_sacrebleu_lower_cases_and_pads_ragged_reference_groups_with_the_first():
+    """sacreBLEU is lower-cased (an upper-case copy of its reference scores 100), and predictions with fewer references
+    than the widest group repeat their first reference in the missing streams: equal to sacrebleu called by hand."""
+    import sacrebleu
+
+    shouted = report_generation_metrics(["THE HEART IS NORMAL IN SIZE"], ["the heart is normal in size"], meteor=False)
+    assert shouted["sacreBLEU"] == pytest.approx(100.0)
+    assert sacrebleu.corpus_bleu(["THE HEART IS NORMAL IN SIZE"], [["the heart is normal in size"]]).score < 100
+    predictions = ["no acute cardiopulmonary process", "small left pleural effusion", "heart size is normal"]
+    references = [["no acute cardiopulmonary disease", "no acute process"], ["small left effusion"],
+                  ["the heart size is normal", "normal heart size", "heart is normal"]]
+    streams = [["no acute cardiopulmonary disease", "small left effusion", "the heart size is normal"],
+               ["no acute process", "small left effusion", "normal heart size"],
+               ["no acute cardiopulmonary disease", "small left effusion", "heart is normal"]]
+    expected = sacrebleu.corpus_bleu(predictions, streams, lowercase=True).score
+    assert report_generation_metrics(predictions, references, meteor=False)["sacreBLEU"] == pytest.approx(expected)
+
+
+def test_meteor_false_skips_it_even_with_java_and_per_report_scores_are_named(monkeypatch):
+    """`meteor=False` never starts METEOR, even where Java is found, and says so in the notes; `per_report` holds
+    BLEU-4, ROUGE-L and CIDEr per report, whose means are pycocoevalcap's corpus ROUGE-L and CIDEr."""
+    import pycocoevalcap.meteor.meteor as meteor_module
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java" if name == "java" else None)
+
+    def no_java(*args, **kwargs):
+        raise AssertionError("METEOR was started")
+
+    monkeypatch.setattr(meteor_module, "Meteor", no_java)
+    r = report_generation_metrics(["no acute disease", "large right pneumothorax"],
+                                  ["no acute disease", "small right pneumothorax"], meteor=False)
+    assert r["METEOR"] is None and "METEOR not computed (meteor=False)" in r["notes"]
+    assert set(r["per_report"]) == {"BLEU-4", "ROUGE-L", "CIDEr"}
+    assert sum(r["per_report"]["ROUGE-L"]) / 2 == pytest.approx(r["ROUGE-L"])
+    assert sum(r["per_report"]["CIDEr"]) / 2 == pytest.approx(r["CIDEr"])
