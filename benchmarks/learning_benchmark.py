@@ -393,7 +393,7 @@ def linear_probe(family: str, inits: list[tuple[str, Path | None]], out: Path, a
 
 
 def zero_shot(method: str, folder: Path, out: Path, data) -> dict:
-    """Zero-shot test AUC from DEFAULT_PROMPTS[kermany_pneumonia]; p: Mann-Whitney U test of AUC = 0.5."""
+    """Zero-shot test AUC from kermany_pneumonia's registry prompts; p: Mann-Whitney U test of AUC = 0.5."""
     from modeling_refers.tasks.common import load_pretraining_folder
     from modeling_refers.metrics import multilabel_auc
     from modeling_refers.tasks.zero_shot import load_prompts, zero_shot_classify

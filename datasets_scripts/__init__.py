@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -90,7 +90,8 @@ class TargetDatasetSpec:
     """A fine-tuning data set: its loader `loader(data_dir, **kw) -> DatasetDict`, class names in label
     order, the `problem_type` for `PretrainedConfig`, and the folder name of its split lists under `splits/`.
     `license` (a Hub licence id) and `citation` (whom to attribute) where the registry records them;
-    `display_name` is how cards and reports name it (e.g. "NIH ChestX-ray14")."""
+    `display_name` is how cards and reports name it (e.g. "NIH ChestX-ray14"); `zero_shot_prompts` are the class
+    sentences zero-shot classification compares studies with."""
 
     name: str
     loader: Callable[..., DatasetDict]
@@ -100,6 +101,8 @@ class TargetDatasetSpec:
     license: str | None = None
     citation: str | None = None
     display_name: str | None = None
+    # zero-shot prompts, editable: {label: (positive sentence, negative sentence)} (`tasks.zero_shot.load_prompts`)
+    zero_shot_prompts: dict[str, tuple[str, str]] | None = field(default=None, hash=False)
 
     @property
     def num_labels(self) -> int:
@@ -117,30 +120,66 @@ class TargetDatasetSpec:
         return dataclasses.replace(self, label_names=found[0], problem_type=found[1])
 
 
+def _absent(finding: str) -> tuple[str, str]:
+    return f"There is {finding}.", f"There is no {finding}."
+
+
+NIH_PROMPTS = {
+    "Atelectasis": _absent("atelectasis"), "Cardiomegaly": _absent("cardiomegaly"),
+    "Consolidation": _absent("consolidation"), "Edema": _absent("pulmonary edema"),
+    "Effusion": _absent("pleural effusion"), "Emphysema": _absent("emphysema"),
+    "Fibrosis": _absent("pulmonary fibrosis"), "Hernia": _absent("a hiatal hernia"),
+    "Infiltration": _absent("an infiltrate"), "Mass": _absent("a lung mass"), "Nodule": _absent("a lung nodule"),
+    "Pleural_Thickening": _absent("pleural thickening"), "Pneumonia": _absent("pneumonia"),
+    "Pneumothorax": _absent("a pneumothorax"),
+}
+COVID_PROMPTS = {
+    "non-COVID-19": ("Findings are not those of COVID-19.", "Findings consistent with COVID-19 pneumonia."),
+    "COVID-19": ("Findings consistent with COVID-19 pneumonia.", "Findings are not those of COVID-19."),
+}
+VIRAL_BACTERIAL_PROMPTS = {
+    "bacterial": ("Bacterial pneumonia.", "Viral pneumonia."),
+    "viral": ("Viral pneumonia.", "Bacterial pneumonia."),
+}
+KERMANY_PNEUMONIA_PROMPTS = {
+    "normal": ("There is no pneumonia.", "There is pneumonia."),
+    "pneumonia": ("There is pneumonia.", "There is no pneumonia."),
+}
+KERMANY_BACTERIAL_VIRAL_PROMPTS = {
+    "normal": ("There is no pneumonia.", "There is pneumonia."),
+    "bacterial": ("Findings consistent with bacterial pneumonia.", "There is no bacterial pneumonia."),
+    "viral": ("Findings consistent with viral pneumonia.", "There is no viral pneumonia."),
+}
+
+
 TARGET_DATASETS: dict[str, TargetDatasetSpec] = {
     spec.name: spec
     for spec in (
         TargetDatasetSpec("nih_chestxray14", load_nih_chestxray14, NIH_LABEL_NAMES,
-                          "multi_label_classification", "nih_chestxray14", display_name="NIH ChestX-ray14"),
+                          "multi_label_classification", "nih_chestxray14", display_name="NIH ChestX-ray14",
+                          zero_shot_prompts=NIH_PROMPTS),
         TargetDatasetSpec("vinbigdata", load_vinbigdata, VINBIGDATA_LABEL_NAMES,
                           "multi_label_classification", "vinbigdata", display_name="VinBigData Chest X-ray"),
         TargetDatasetSpec("shenzhen_tb", load_shenzhen_tb, SHENZHEN_LABEL_NAMES,
                           "single_label_classification", "shenzhen_tb", display_name="Shenzhen Tuberculosis"),
         TargetDatasetSpec("covid19", functools.partial(load_covid19_collection, task="covid"), COVID_LABEL_NAMES,
                           "single_label_classification", "covid19_collection",
-                          display_name="COVID-19 Image Data Collection (COVID-19 vs other)"),
+                          display_name="COVID-19 Image Data Collection (COVID-19 vs other)", zero_shot_prompts=COVID_PROMPTS),
         TargetDatasetSpec("covid19_viral_bacterial", functools.partial(load_covid19_collection, task="viral_bacterial"),
                           VIRAL_BACTERIAL_LABEL_NAMES, "single_label_classification", "covid19_collection",
-                          display_name="COVID-19 Image Data Collection (viral vs bacterial)"),
+                          display_name="COVID-19 Image Data Collection (viral vs bacterial)",
+                          zero_shot_prompts=VIRAL_BACTERIAL_PROMPTS),
         # No split lists (`default_split_dir` is not a folder): official test/ as test, seeded patient-level validation.
         TargetDatasetSpec("kermany_pneumonia", functools.partial(load_kermany_pneumonia, task="pneumonia"),
                           KERMANY_PNEUMONIA_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
                           KERMANY_LICENSE, KERMANY_CITATION,
-                          display_name="Kermany pediatric chest X-rays (normal vs pneumonia)"),
+                          display_name="Kermany pediatric chest X-rays (normal vs pneumonia)",
+                          zero_shot_prompts=KERMANY_PNEUMONIA_PROMPTS),
         TargetDatasetSpec("kermany_bacterial_viral", functools.partial(load_kermany_pneumonia, task="bacterial_viral"),
                           KERMANY_BACTERIAL_VIRAL_LABEL_NAMES, "single_label_classification", "kermany_pneumonia",
                           KERMANY_LICENSE, KERMANY_CITATION,
-                          display_name="Kermany pediatric chest X-rays (normal / bacterial / viral pneumonia)"),
+                          display_name="Kermany pediatric chest X-rays (normal / bacterial / viral pneumonia)",
+                          zero_shot_prompts=KERMANY_BACTERIAL_VIRAL_PROMPTS),
         # MRM's downstream tasks with MRM's split lists (splits/mrm/...; label_ratio=0.01 / 0.1 / 1.0 picks its
         # train_1 / train_10 / train_list). SIIM also has a `mask` column (pneumothorax segmentation).
         TargetDatasetSpec("chexpert", load_chexpert, CHEXPERT_LABEL_NAMES, "multi_label_classification",

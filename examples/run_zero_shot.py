@@ -4,11 +4,11 @@
     python examples/run_zero_shot.py --model_name_or_path runs/pretrain --dataset_name nih_chestxray14 \
         --output_dir runs/zero-shot-nih
 
-Per class, a positive and a negative sentence (`modeling_refers.tasks.zero_shot.DEFAULT_PROMPTS`, or your own
-`--prompts_file`, in the form of the `prompts.json` this script writes) are encoded by the report encoder and
-compared with the study embedding; the class probability is CheXzero's softmax over the pair. Writes `results.json`
-(per-class and mean AUC, prompts), `prompts.json`, `predictions.csv`, `roc_curve.png`, `auc_bars.png` and
-`examples.png` (radiographs with their true labels and top zero-shot probabilities).
+Per class, a positive and a negative sentence (the data set's `zero_shot_prompts` on its
+`datasets_scripts.TARGET_DATASETS` entry, or your own `--prompts_file`, in the form of the `prompts.json` this script
+writes) are encoded by the report encoder and compared with the study embedding; the class probability is
+CheXzero's softmax over the pair. Writes `results.json` (per-class and mean AUC, prompts), `prompts.json`,
+`predictions.csv`, `roc_curve.png`, `auc_bars.png` and `examples.png` (radiographs with their true labels and top zero-shot probabilities).
 
 The same model runs in transformers' pipeline:
     import modeling_refers.tasks.zero_shot; from transformers import pipeline

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from datasets_scripts import TARGET_DATASETS
 from downstream_checkpoint import make_tiny_pretraining_checkpoint
 from modeling_refers.tasks.common import load_pretraining_folder
 from modeling_refers.tasks.zero_shot import (
-    DEFAULT_PROMPTS,
     RefersForZeroShotImageClassification,
     as_studies,
     load_prompts,
@@ -42,7 +42,8 @@ def test_scores_match_direct_softmax_over_the_prompt_pair():
 
 def test_prompts_files_and_errors(tmp_path):
     labels = ["COVID-19", "non-COVID-19"]
-    assert load_prompts(None, labels, "covid19") == {k: DEFAULT_PROMPTS["covid19"][k] for k in labels}
+    own = TARGET_DATASETS["covid19"].zero_shot_prompts  # each data set's prompts sit on its registry entry
+    assert load_prompts(None, labels, "covid19") == {k: own[k] for k in labels}
     path = tmp_path / "prompts.json"
     path.write_text(prompts_to_json({"COVID-19": ("covid", "not covid"), "non-COVID-19": ("other", "covid")}))
     assert load_prompts(path, labels) == {"COVID-19": ("covid", "not covid"), "non-COVID-19": ("other", "covid")}
@@ -55,7 +56,7 @@ def test_prompts_files_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         load_prompts(tmp_path / "nowhere.json", labels)
     for name, spec_labels in (("nih_chestxray14", 14), ("covid19_viral_bacterial", 2)):
-        assert len(DEFAULT_PROMPTS[name]) == spec_labels
+        assert len(TARGET_DATASETS[name].zero_shot_prompts) == spec_labels
 
 
 def test_prompts_dict_errors_name_prompts_and_files_are_read_as_utf8(tmp_path, monkeypatch):

@@ -29,51 +29,21 @@ from ..modeling_refers import RefersForPreTraining
 from .retrieval import study_embeddings
 
 
-def _nih(finding: str) -> tuple[str, str]:
-    return f"There is {finding}.", f"There is no {finding}."
-
-
-DEFAULT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
-    "nih_chestxray14": {
-        "Atelectasis": _nih("atelectasis"), "Cardiomegaly": _nih("cardiomegaly"),
-        "Consolidation": _nih("consolidation"), "Edema": _nih("pulmonary edema"),
-        "Effusion": _nih("pleural effusion"), "Emphysema": _nih("emphysema"), "Fibrosis": _nih("pulmonary fibrosis"),
-        "Hernia": _nih("a hiatal hernia"), "Infiltration": _nih("an infiltrate"), "Mass": _nih("a lung mass"),
-        "Nodule": _nih("a lung nodule"), "Pleural_Thickening": _nih("pleural thickening"),
-        "Pneumonia": _nih("pneumonia"), "Pneumothorax": _nih("a pneumothorax"),
-    },
-    "covid19": {
-        "non-COVID-19": ("Findings are not those of COVID-19.", "Findings consistent with COVID-19 pneumonia."),
-        "COVID-19": ("Findings consistent with COVID-19 pneumonia.", "Findings are not those of COVID-19."),
-    },
-    "covid19_viral_bacterial": {
-        "bacterial": ("Bacterial pneumonia.", "Viral pneumonia."),
-        "viral": ("Viral pneumonia.", "Bacterial pneumonia."),
-    },
-    "kermany_pneumonia": {
-        "normal": ("There is no pneumonia.", "There is pneumonia."),
-        "pneumonia": ("There is pneumonia.", "There is no pneumonia."),
-    },
-    "kermany_bacterial_viral": {
-        "normal": ("There is no pneumonia.", "There is pneumonia."),
-        "bacterial": ("Findings consistent with bacterial pneumonia.", "There is no bacterial pneumonia."),
-        "viral": ("Findings consistent with viral pneumonia.", "There is no viral pneumonia."),
-    },
-}
-"""Editable class prompts per data set: `{label: (positive sentence, negative sentence)}`, in label order."""
-
-
 def load_prompts(prompts: str | os.PathLike | Mapping | None, label_names: Sequence[str],
                  dataset_name: str | None = None) -> dict[str, tuple[str, str]]:
     """`{label: (positive, negative)}` for every label of `label_names`, from a JSON file (`{label: {"positive": ...,
-    "negative": ...}}` or `{label: [positive, negative]}`), a dict of the same form, or `DEFAULT_PROMPTS[dataset_name]`
-    when `prompts` is None. A missing label or a malformed entry raises ValueError naming it (and the file)."""
+    "negative": ...}}` or `{label: [positive, negative]}`), a dict of the same form, or, when `prompts` is None, the
+    data set's own (`datasets_scripts.TARGET_DATASETS[dataset_name].zero_shot_prompts`). A missing label or a
+    malformed entry raises ValueError naming it (and the file)."""
     where = "prompts"
     if prompts is None:
-        if dataset_name not in DEFAULT_PROMPTS:
-            raise ValueError(f"no default prompts for {dataset_name!r} (have {sorted(DEFAULT_PROMPTS)}); pass a prompts "
-                             "file")
-        prompts = DEFAULT_PROMPTS[dataset_name]
+        from datasets_scripts import TARGET_DATASETS  # the registry holds each data set's prompts
+
+        spec = TARGET_DATASETS.get(dataset_name)
+        if spec is None or not spec.zero_shot_prompts:
+            have = sorted(name for name, entry in TARGET_DATASETS.items() if entry.zero_shot_prompts)
+            raise ValueError(f"no default prompts for {dataset_name!r} (have {have}); pass a prompts file")
+        prompts = spec.zero_shot_prompts
     elif not isinstance(prompts, Mapping):
         where = os.fspath(prompts)
         if not os.path.isfile(where):
@@ -253,6 +223,6 @@ def zero_shot_examples_png(images: Sequence[Any], scores: Any, label_names: Sequ
     return save_figure(fig, path)
 
 
-__all__ = ["DEFAULT_PROMPTS", "RefersForZeroShotImageClassification", "RefersZeroShotClassification",
+__all__ = ["RefersForZeroShotImageClassification", "RefersZeroShotClassification",
            "RefersZeroShotOutput", "as_studies", "auc_bars_png", "load_prompts", "prompts_to_json",
            "zero_shot_classify", "zero_shot_examples_png", "zero_shot_scores"]
