@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import transformers
-from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, set_seed
+from transformers import EvalPrediction, HfArgumentParser, set_seed
 
 
 from .trainer import (
@@ -40,6 +40,7 @@ from .trainer import (
     RESIZE_MODES,
     ImageLabelCollator,
     RefersTrainer,
+    RefersTrainingArguments,
     processor_sizes,
     resume_checkpoint,
     write_run_signature,
@@ -58,7 +59,6 @@ from datasets_scripts import (
 from .. import RefersConfig, RefersForImageClassification, RefersImageProcessor
 from ..metrics import multilabel_auc, roc_curve_png
 from ..file_utils import atomic_open, atomic_write_text
-from ..hub.upload import check_hub_arguments
 from ..hub.model_card import dataset_display_name, make_model_card, save_model_card
 from ..loading import from_pretrained_checked, load_timm_weights
 from .run_signature import absolute, checkpoint_sha256, ids_sha256, prepared_data_fields, training_fields
@@ -142,7 +142,7 @@ class DataArguments:
 
 
 @dataclass
-class FinetuningArguments(TrainingArguments):
+class FinetuningArguments(RefersTrainingArguments):
     """TrainingArguments with the paper's fine-tuning defaults."""
 
     learning_rate: float = field(default=3e-3)
@@ -168,16 +168,6 @@ class FinetuningArguments(TrainingArguments):
     load_best_model_at_end: bool = field(default=True)
     metric_for_best_model: str | None = field(default="mean_auc")
     greater_is_better: bool | None = field(default=True)
-    remove_unused_columns: bool = field(default=False)
-    # Every parameter takes part in every step (single images are one-view studies): no unused-parameter search.
-    ddp_find_unused_parameters: bool | None = field(default=False)
-    report_to: None | str | list[str] = field(default="none")
-    logging_steps: float = field(default=10)
-    # A pushed repo is private unless --hub_private_repo false: these are medical models (the Trainer's default,
-    # None, makes it public unless the organisation says otherwise).
-    hub_private_repo: bool | None = field(default=True, metadata={
-        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
-                "existing repo keeps its visibility."})
     hub_include_predictions: bool = field(default=False, metadata={
         "help": "--push_to_hub also uploads predictions.csv: the test labels and scores of every image (kept local "
                 "by default)."})
@@ -189,7 +179,6 @@ class FinetuningArguments(TrainingArguments):
         super().__post_init__()
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"--optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
 # TrainingArguments fields that decide what a fine-tuning run computes (and so whether a checkpoint can be resumed).

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from transformers.image_utils import PILImageResampling
 
 from datasets_scripts import SAMPLE_DATA_DIR, SOURCE_DATASETS, check_data_dir, load_source_dataset
@@ -42,7 +42,6 @@ from .. import (
     train_report_tokenizer,
 )
 from ..file_utils import atomic_write_text
-from ..hub.upload import check_hub_arguments
 from ..loading import load_timm_weights
 from ..modeling_joimternet import JoImTeRNetForPreTraining
 from ..modeling_mrm import MRMForPreTraining
@@ -57,6 +56,7 @@ from .trainer import (
     MRM_RECIPE,
     MaskedReportCollator,
     RefersTrainer,
+    RefersTrainingArguments,
     StudyReportCollator,
     default_text_encoder_path,
     processor_sizes,
@@ -260,7 +260,7 @@ class DataArguments:
 
 
 @dataclass
-class PretrainingArguments(TrainingArguments):
+class PretrainingArguments(RefersTrainingArguments):
     """TrainingArguments with the paper's pretraining defaults."""
 
     recipe: str | None = field(default=None, metadata={
@@ -292,20 +292,6 @@ class PretrainingArguments(TrainingArguments):
     metric_for_best_model: str | None = field(default="loss")
     greater_is_better: bool | None = field(default=False)
     prediction_loss_only: bool = field(default=True)
-    remove_unused_columns: bool = field(default=False)
-    # Every parameter takes part in every step (single images are one-view studies): DDP needs no unused-parameter
-    # search (the no-fusion ablation turns it back on).
-    ddp_find_unused_parameters: bool | None = field(default=False)
-    report_to: None | str | list[str] = field(default="none")
-    logging_steps: float = field(default=10)
-    # A pushed repo is private unless --hub_private_repo false (the Trainer's default, None, makes it public).
-    hub_private_repo: bool | None = field(default=True, metadata={
-        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
-                "existing repo keeps its visibility."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
 def build_tokenizers(model_args, train_reports, output_dir, training_args):

@@ -199,6 +199,28 @@ class ImageLabelCollator:
         return batch
 
 
+@dataclass
+class RefersTrainingArguments(TrainingArguments):
+    """What pretraining's and fine-tuning's arguments share (each adds its own defaults): the collators read every
+    column, no logger integration, a pushed repo private by default, and the Hub arguments checked at parsing."""
+
+    remove_unused_columns: bool = field(default=False)
+    # Every parameter takes part in every step (single images are one-view studies): DDP needs no unused-parameter
+    # search (pretraining's no-fusion ablation turns it back on).
+    ddp_find_unused_parameters: bool | None = field(default=False)
+    report_to: None | str | list[str] = field(default="none")
+    logging_steps: float = field(default=10)
+    # A pushed repo is private unless --hub_private_repo false: these are medical models (the Trainer's default,
+    # None, makes it public unless the organisation says otherwise).
+    hub_private_repo: bool | None = field(default=True, metadata={
+        "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. An "
+                "existing repo keeps its visibility."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_hub_arguments(self)  # at parsing, before anything is written or created
+
+
 class RefersTrainer(Trainer):
     """The Trainer with the paper's optimizer: SGD (momentum) over two learning rates, the radiograph transformer's
     (`args.learning_rate`) and the text modules' (`text_learning_rate`), weight decay except on LayerNorm and biases.
