@@ -53,6 +53,7 @@ from ..configuration_refers import RefersConfig
 from ..file_utils import atomic_write_text
 from ..loading import from_pretrained_checked
 from ..modeling_refers import RefersBackbone
+from ..training.trainer import EvaluationCollatorMixin
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def layer_decay_parameter_groups(model: RefersUperNetForSemanticSegmentation, le
     return list(groups.values())
 
 
-class SegmentationTrainer(Trainer):
+class SegmentationTrainer(EvaluationCollatorMixin, Trainer):
     """Trainer with MRM's layer-wise lr decay (`layer_decay` < 1) in AdamW's parameter groups; evaluation and
     prediction batches come from `eval_data_collator` (no flip) and keep every image (`dataloader_drop_last` holds
     for training batches only)."""
@@ -339,21 +340,13 @@ class SegmentationTrainer(Trainer):
     @contextlib.contextmanager
     def _evaluation_batches(self):
         """Inside: the no-flip collator and no dropped last batch (the Trainer's public getters read both)."""
-        saved = self.data_collator, self.args.dataloader_drop_last
-        self.data_collator = self.eval_data_collator or self.data_collator
+        drop_last = self.args.dataloader_drop_last
         self.args.dataloader_drop_last = False
         try:
-            yield
+            with super()._evaluation_batches():
+                yield
         finally:
-            self.data_collator, self.args.dataloader_drop_last = saved
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        with self._evaluation_batches():
-            return super().get_eval_dataloader(eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        with self._evaluation_batches():
-            return super().get_test_dataloader(test_dataset)
+            self.args.dataloader_drop_last = drop_last
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.layer_decay != 1.0:

@@ -221,7 +221,34 @@ class RefersTrainingArguments(TrainingArguments):
         check_hub_arguments(self)  # at parsing, before anything is written or created
 
 
-class RefersTrainer(Trainer):
+class EvaluationCollatorMixin:
+    """Trainer mixin: evaluation and prediction batches come from `eval_data_collator` (when given), training batches
+    from `data_collator` (the Trainer's public dataloader getters read `data_collator`)."""
+
+    eval_data_collator = None
+
+    @contextlib.contextmanager
+    def _evaluation_batches(self):
+        """`data_collator` is `eval_data_collator` (when given) inside the block, the training collator again after."""
+        if self.eval_data_collator is None:
+            yield
+            return
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            yield
+        finally:
+            self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_batches():
+            return super().get_test_dataloader(test_dataset)
+
+
+class RefersTrainer(EvaluationCollatorMixin, Trainer):
     """The Trainer with the paper's optimizer: SGD (momentum) over two learning rates, the radiograph transformer's
     (`args.learning_rate`) and the text modules' (`text_learning_rate`), weight decay except on LayerNorm and biases.
     `decoder_learning_rate` gives the report decoder a rate of its own (the official code: 3e-3, as the backbone);
@@ -272,26 +299,6 @@ class RefersTrainer(Trainer):
         if self.text_learning_rate is not None and name.startswith(TEXT_MODULE_PREFIXES):
             return self.text_learning_rate
         return self.args.learning_rate
-
-    @contextlib.contextmanager
-    def _evaluation_collator(self):
-        """`data_collator` is `eval_data_collator` (when given) inside the block, the training collator again after."""
-        if self.eval_data_collator is None:
-            yield
-            return
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
-        try:
-            yield
-        finally:
-            self.data_collator = train_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        with self._evaluation_collator():
-            return super().get_eval_dataloader(eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        with self._evaluation_collator():
-            return super().get_test_dataloader(test_dataset)
 
     # A huggingface_hub ModelCard (filled from results.json) pushed instead of the Trainer's generic card.
     model_card = None
