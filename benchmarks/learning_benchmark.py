@@ -665,7 +665,7 @@ def _measure_families(args, out, folders, data, families, finetune_extra, wall_t
             import run_label_efficiency as grid
 
             parsed = [grid.parse_init(f"{m}={folders[m]}") for m in mine]
-            rest, user = grid.split_config_overrides(finetune_argv(family, finetune_extra))
+            _, user = grid.split_config_overrides(finetune_argv(family, finetune_extra))
             overrides = grid.cell_overrides(grid.resolve_architecture(parsed, user), user)
             results = linear_probe(family, [(m, folders[m]) for m in mine] + [("random", None)], out, args, data,
                                    overrides)
